@@ -1,0 +1,10 @@
+"""e5kit: the E5 text-embedding family end to end."""
+
+from .api import E5, TruncationWarning, quantize_embeddings
+from .engine import InputTooLongError
+from .loading import E5LoadError
+from .models import DEFAULT_MODEL, REGISTRY, ModelSpec
+
+__version__ = "0.1.0"
+__all__ = ["E5", "E5LoadError", "InputTooLongError", "TruncationWarning", "quantize_embeddings",
+           "REGISTRY", "ModelSpec", "DEFAULT_MODEL", "__version__"]

@@ -1,0 +1,220 @@
+"""Tokens in, pooled vectors out: tokenization, token-budget batching, device/dtype, pooling.
+
+This is the backend every front end shares (the Python API, the CLI, the server's batching queue,
+evaluation and training). It knows nothing of prompts: callers hand it final text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from .encoder import Encoder, Packed, mean_pool
+from .loading import Checkpoint, load_encoder, load_tokenizer
+
+log = logging.getLogger("e5kit")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class InputTooLongError(ValueError):
+    """An input exceeds the model's token limit and the caller asked not to truncate."""
+
+    def __init__(self, index: int, n_tokens: int, limit: int):
+        self.index, self.n_tokens, self.limit = index, n_tokens, limit
+        super().__init__(f"input {index} has {n_tokens} tokens, more than the model's limit of {limit}; "
+                         f"shorten it or allow truncation")
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]
+    truncated: list[int] = field(default_factory=list)  # indices of inputs that were cut
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.ids)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', not {dtype!r}")
+    return DTYPES[dtype]
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Group input indices into batches, longest first.
+
+    Inputs are sorted by token count so each batch holds similar lengths (little attention
+    padding); a batch closes when it has ``batch_size`` inputs or its padded size
+    (count x longest) would pass ``max_batch_tokens``.
+    """
+    if batch_size < 1 or max_batch_tokens < 1:
+        raise ValueError("batch_size and max_batch_tokens must be positive")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) >= batch_size or (len(cur) + 1) * longest > max_batch_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class Engine:
+    """A loaded checkpoint ready to turn token ids into embeddings."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        threads: int | None = None,
+        encoder: Encoder | None = None,
+    ):
+        self.checkpoint = checkpoint
+        self.spec = checkpoint.spec
+        self.config = checkpoint.config
+        self.max_tokens = self.spec.max_tokens
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
+        self.tokenizer: Tokenizer = load_tokenizer(checkpoint.path, self.max_tokens)
+        self._untruncated: Tokenizer | None = None
+        model = encoder if encoder is not None else load_encoder(checkpoint.path, checkpoint.config)
+        self.model: torch.nn.Module = model.to(self.device, self.dtype).eval()
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    # ---- tokenization ---------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> Tokenized:
+        """Token ids (with special tokens) for each text, cut at the model's limit.
+
+        With ``truncate=False`` an over-long input raises :class:`InputTooLongError`.
+        """
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"input {i} is a {type(t).__name__}, expected str")
+        encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        ids = [e.ids for e in encs]
+        truncated = [i for i, e in enumerate(encs) if e.overflowing]
+        if truncated and not truncate:
+            i = truncated[0]
+            raise InputTooLongError(i, self.count_tokens([texts[i]])[0], self.max_tokens)
+        return Tokenized(ids=ids, truncated=truncated)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Untruncated token counts (special tokens included)."""
+        if self._untruncated is None:
+            tok = Tokenizer.from_str(self.tokenizer.to_str())
+            tok.no_truncation()
+            tok.no_padding()
+            self._untruncated = tok
+        return [len(e.ids) for e in self._untruncated.encode_batch(list(texts))]
+
+    def check_ids(self, seqs: Sequence[Sequence[int]], truncate: bool = True) -> Tokenized:
+        """Validate caller-supplied token ids (vocabulary range, length) and cut them if allowed."""
+        out, cut = [], []
+        vocab = self.config.vocab_size
+        for i, s in enumerate(seqs):
+            s = list(s)
+            if not s:
+                raise ValueError(f"input {i} has no tokens")
+            bad = next((t for t in s if not isinstance(t, int) or t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"input {i} has token id {bad!r} outside the vocabulary (0..{vocab - 1})")
+            if len(s) > self.max_tokens:
+                if not truncate:
+                    raise InputTooLongError(i, len(s), self.max_tokens)
+                s, _ = s[: self.max_tokens], cut.append(i)
+            out.append(s)
+        return Tokenized(ids=out, truncated=cut)
+
+    # ---- the model ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> torch.Tensor:
+        """One batch: mean-pooled (and optionally L2-normalised) float32 vectors, on the device."""
+        packed = Packed.from_ids([list(s) for s in seqs], self.config.position_offset, self.device)
+        hidden = self.model(packed)
+        pooled = mean_pool(hidden, packed)
+        return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+    def embed_ids(
+        self,
+        seqs: Sequence[Sequence[int]],
+        batch_size: int = 32,
+        max_batch_tokens: int = 16384,
+        normalize: bool = True,
+        progress: bool | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Embed many sequences in token-budget batches; rows come back in input order (CPU float32)."""
+        n = len(seqs)
+        out = torch.empty(n, self.dim, dtype=torch.float32)
+        if n == 0:
+            return out
+        batches = plan_batches([len(s) for s in seqs], batch_size, max_batch_tokens)
+        if progress is None:
+            progress = n >= 2048 and sys.stderr.isatty()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(s) for s in seqs), unit="tok", unit_scale=True, desc="embedding")
+        for b in batches:
+            vecs = self.forward([seqs[i] for i in b], normalize=normalize)
+            out[torch.tensor(b)] = vecs.cpu()
+            ntok = sum(len(seqs[i]) for i in b)
+            if bar is not None:
+                bar.update(ntok)
+            if on_batch is not None:
+                on_batch(len(b), ntok)
+        if bar is not None:
+            bar.close()
+        return out
+
+
+def default_threads() -> int:
+    """Threads torch should use: OMP_NUM_THREADS if set, else every core this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit():
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+__all__ = ["Engine", "Tokenized", "InputTooLongError", "plan_batches", "resolve_device", "resolve_dtype",
+           "default_threads"]
