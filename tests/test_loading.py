@@ -1,0 +1,208 @@
+"""Loading from local directories and a Hugging Face cache, and every failure's message."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from e5kit import E5, E5LoadError
+from e5kit.loading import load_checkpoint, write_metadata
+from helpers import reference_embed
+
+TEXTS = ["query: how much protein should a female eat", "passage: the cell study", "a"]
+
+
+def _copy(src, tmp_path, name="m"):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def make_hub_cache(cache, repo_id, model_dir, revision="0123456789abcdef0123456789abcdef01234567"):
+    """Lay a model out exactly as huggingface_hub's cache does (blobs, snapshots, refs)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(f"../../blobs/blob-{f.name}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return revision
+
+
+def _run_offline(cache, code):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HOME": str(cache)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_load_from_hub_cache_offline(tiny_bert, tmp_path):
+    cache = tmp_path / "hub"
+    rev = make_hub_cache(cache, "intfloat/e5-small-v2", tiny_bert)
+    code = (
+        "import sys, numpy as np; sys.path[:0] = %r\n"
+        "from e5kit import E5\n"
+        "m = E5('intfloat/e5-small-v2')\n"
+        "r = E5('intfloat/e5-small-v2', revision=%r)\n"
+        "e = m.encode(%r); assert np.array_equal(e, r.encode(%r))\n"
+        "np.save(%r, e); print(m.prompt_style, m.spec.languages)\n"
+    ) % (sys.path, rev, TEXTS, TEXTS, str(tmp_path / "e.npy"))
+    out = _run_offline(cache, code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["e5", "en"]  # registry metadata for the hub id
+    assert np.abs(np.load(tmp_path / "e.npy") - reference_embed(tiny_bert, TEXTS)).max() <= 1e-5
+
+
+def test_offline_cache_miss_is_one_clear_error(tmp_path):
+    code = (
+        "import sys; sys.path[:0] = %r\n"
+        "from e5kit import E5, E5LoadError\n"
+        "try:\n    E5('intfloat/e5-base-v2')\n"
+        "except E5LoadError as e:\n    print(e)\n"
+    ) % (sys.path,)
+    out = _run_offline(tmp_path, code)
+    assert out.returncode == 0, out.stderr
+    assert "intfloat/e5-base-v2" in out.stdout and "not in the local Hugging Face cache" in out.stdout
+    assert "HF_HUB_OFFLINE=1" in out.stdout
+
+
+def test_pytorch_bin_and_sharded_safetensors(tiny_bert, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tiny_bert / "model.safetensors"))
+    ref = reference_embed(tiny_bert, TEXTS)
+    d = _copy(tiny_bert, tmp_path, "bin")
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    assert np.abs(E5(str(d)).encode(TEXTS) - ref).max() <= 1e-5
+
+    d = _copy(tiny_bert, tmp_path, "sharded")
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(d / name))
+    index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert np.abs(E5(str(d)).encode(TEXTS) - ref).max() <= 1e-5
+
+
+def test_prefixed_state_dict_keys(tiny_bert, tmp_path):
+    """Checkpoints saved from BertForX carry a 'bert.' prefix and a pooler/head: both handled."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(tiny_bert, tmp_path)
+    sd = load_file(str(d / "model.safetensors"))
+    sd = {f"bert.{k}": v for k, v in sd.items()} | {"cls.predictions.bias": torch.zeros(3)}
+    save_file(sd, str(d / "model.safetensors"))
+    assert np.abs(E5(str(d)).encode(TEXTS) - reference_embed(tiny_bert, TEXTS)).max() <= 1e-5
+
+
+def test_metadata_sets_prompt_style(tiny_xlmr, tmp_path):
+    d = _copy(tiny_xlmr, tmp_path)
+    assert E5(str(d)).prompt_style == "e5"
+    write_metadata(d, "instruct", base_model="intfloat/multilingual-e5-large-instruct")
+    m = E5(str(d))
+    assert m.prompt_style == "instruct" and m.spec.languages.startswith("multilingual")
+    assert m.format(["x"], "query", "SciFact")[0].startswith("Instruct: Given a scientific claim")
+    assert E5(str(d), prompt_style="none").format(["x"], "query") == ["x"]  # caller wins
+
+
+# ---- every failure gives one clear E5LoadError naming the file ---------------------------------
+
+def _expect(d, *fragments):
+    with pytest.raises(E5LoadError) as e:
+        E5(str(d))
+    msg = str(e.value)
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+def test_missing_directory(tmp_path):
+    _expect(tmp_path / "nope", "does not exist")
+
+
+def test_missing_config(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    (d / "config.json").unlink()
+    _expect(d, "config.json", "missing")
+
+
+def test_invalid_config_json(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    (d / "config.json").write_text("{not json")
+    _expect(d, "config.json", "not valid JSON")
+
+
+def test_unknown_architecture(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    _expect(d, "config.json", "'gpt2' is not supported")
+
+
+def test_missing_weights(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    (d / "model.safetensors").unlink()
+    _expect(d, "no weights", "model.safetensors")
+
+
+def test_truncated_safetensors(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _expect(d, "model.safetensors", "truncated or corrupt")
+
+
+def test_corrupt_pytorch_bin(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"\x00garbage" * 100)
+    _expect(d, "pytorch_model.bin", "truncated or corrupt")
+
+
+def test_wrong_shapes(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (d / "config.json").write_text(json.dumps(cfg))
+    _expect(d, "do not match config.json", "shape")
+
+
+def test_missing_layer_weights(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    _expect(d, "encoder.layer.2")
+
+
+def test_missing_tokenizer(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    (d / "tokenizer.json").unlink()
+    _expect(d, "tokenizer.json", "missing")
+
+
+def test_corrupt_tokenizer(tiny_bert, tmp_path):
+    d = _copy(tiny_bert, tmp_path)
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    _expect(d, "tokenizer.json", "could not be read")
+
+
+def test_file_instead_of_directory(tiny_bert):
+    _expect(tiny_bert / "config.json", "is a file")
+
+
+def test_checkpoint_spec_from_config(tiny_xlmr):
+    ck = load_checkpoint(str(tiny_xlmr))
+    assert ck.spec.architecture == "xlm-roberta" and ck.config.position_offset == 2
+    assert ck.spec.max_tokens == 512 and ck.spec.hidden == 32
