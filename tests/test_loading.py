@@ -130,37 +130,36 @@ def test_missing_directory(tmp_path):
     _expect(tmp_path / "nope", "does not exist")
 
 
-def test_missing_config(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
-    (d / "config.json").unlink()
-    _expect(d, "config.json", "missing")
-
-
-def test_invalid_config_json(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
-    (d / "config.json").write_text("{not json")
-    _expect(d, "config.json", "not valid JSON")
-
-
-def test_unknown_architecture(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
+def _with_config(src, tmp_path, **changes):
+    d = _copy(src, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
-    (d / "config.json").write_text(json.dumps(cfg))
-    _expect(d, "config.json", "'gpt2' is not supported")
+    (d / "config.json").write_text(json.dumps(cfg | changes))
+    return d
 
 
-def test_missing_weights(tiny_bert, tmp_path):
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+# (file to damage, what to do to it, fragments the error must contain)
+DAMAGE = {
+    "missing config": ("config.json", "unlink", ["config.json", "missing"]),
+    "invalid config": ("config.json", lambda f: f.write_text("{not json"), ["config.json", "not valid JSON"]),
+    "missing weights": ("model.safetensors", "unlink", ["no weights", "model.safetensors"]),
+    "truncated safetensors": ("model.safetensors", _truncate, ["model.safetensors", "truncated or corrupt"]),
+    "missing tokenizer": ("tokenizer.json", "unlink", ["tokenizer.json", "missing"]),
+    "corrupt tokenizer": ("tokenizer.json", lambda f: f.write_text('{"version": "1.0"}'),
+                          ["tokenizer.json", "could not be read"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_files(tiny_bert, tmp_path, case):
+    name, action, fragments = DAMAGE[case]
     d = _copy(tiny_bert, tmp_path)
-    (d / "model.safetensors").unlink()
-    _expect(d, "no weights", "model.safetensors")
-
-
-def test_truncated_safetensors(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
-    data = (d / "model.safetensors").read_bytes()
-    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
-    _expect(d, "model.safetensors", "truncated or corrupt")
+    f = d / name
+    f.unlink() if action == "unlink" else action(f)
+    _expect(d, *fragments)
 
 
 def test_corrupt_pytorch_bin(tiny_bert, tmp_path):
@@ -170,32 +169,16 @@ def test_corrupt_pytorch_bin(tiny_bert, tmp_path):
     _expect(d, "pytorch_model.bin", "truncated or corrupt")
 
 
+def test_unknown_architecture(tiny_bert, tmp_path):
+    _expect(_with_config(tiny_bert, tmp_path, model_type="gpt2"), "config.json", "'gpt2' is not supported")
+
+
 def test_wrong_shapes(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["intermediate_size"] = 100
-    (d / "config.json").write_text(json.dumps(cfg))
-    _expect(d, "do not match config.json", "shape")
+    _expect(_with_config(tiny_bert, tmp_path, intermediate_size=100), "do not match config.json", "shape")
 
 
 def test_missing_layer_weights(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (d / "config.json").write_text(json.dumps(cfg))
-    _expect(d, "encoder.layer.2")
-
-
-def test_missing_tokenizer(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
-    (d / "tokenizer.json").unlink()
-    _expect(d, "tokenizer.json", "missing")
-
-
-def test_corrupt_tokenizer(tiny_bert, tmp_path):
-    d = _copy(tiny_bert, tmp_path)
-    (d / "tokenizer.json").write_text('{"version": "1.0"}')
-    _expect(d, "tokenizer.json", "could not be read")
+    _expect(_with_config(tiny_bert, tmp_path, num_hidden_layers=3), "encoder.layer.2")
 
 
 def test_file_instead_of_directory(tiny_bert):
