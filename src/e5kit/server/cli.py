@@ -26,7 +26,7 @@ def parse_model_arg(value: str) -> tuple[str | None, str]:
 @model_options(multiple=True)
 @click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=8000, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option("--api-key", "api_keys", multiple=True, help="Accept this Bearer key (repeatable). No keys: open server.")
+@click.option("--api-key", "api_keys", multiple=True, envvar="E5KIT_API_KEY", help="Accept this Bearer key (repeatable). No keys: open server.")
 @click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
               help="File of keys, one per line: KEY or 'LABEL KEY' (# comments allowed).")
 @click.option("--default-input-type", type=click.Choice(["query", "passage", "raw"]), default="query",
@@ -99,11 +99,18 @@ def serve(model, device, dtype, backend, threads, host, port, api_keys, api_key_
 
 def _draining_server(config, state: dict):
     """A uvicorn.Server that flags the app as draining (so /ready answers 503) when told to exit."""
+    import signal
+
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             state["draining"] = True
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                # uvicorn re-raises captured signals after shutdown; a drained SIGTERM should exit 0.
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured[:] = [s for s in captured if s != signal.SIGTERM]
 
     return Server(config)
