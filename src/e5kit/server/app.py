@@ -48,7 +48,7 @@ class ServerConfig:
     """Limits and defaults (every one is a `e5kit serve` flag and an E5KIT_* variable)."""
 
     max_batch_tokens: int = 16384
-    max_batch_size: int = 256
+    max_batch_size: int = 32
     max_wait_ms: float = 2.0
     max_queued_tokens: int = 1 << 20
     max_inputs: int = 2048

@@ -3,7 +3,8 @@
 Request handlers (on the event loop) tokenize, then :meth:`Batcher.submit` a job of token-id
 sequences. The worker thread takes queued sequences in arrival order up to a token budget (waiting
 at most ``max_wait`` for more when the queue is short), sorts that window by length and splits it
-with :func:`e5kit.engine.plan_batches`, runs :meth:`Engine.forward` on each part, and resolves the
+with :func:`e5kit.engine.plan_batches` (at most ``max_batch_size`` inputs per pass, as
+``E5.encode`` does offline), runs :meth:`Engine.forward` on each part, and resolves the
 job's asyncio future with ``loop.call_soon_threadsafe`` once all its rows are done. The event loop
 never runs the model; a failing batch fails only the jobs in it, never the worker.
 
@@ -108,7 +109,7 @@ class Batcher:
         engine: Engine,
         name: str,
         max_batch_tokens: int = 16384,
-        max_batch_size: int = 256,
+        max_batch_size: int = 32,
         max_wait: float = 0.002,
         max_queued_tokens: int = 1 << 20,
         on_batch: Callable[[BatchStats], None] | None = None,
@@ -208,19 +209,10 @@ class Batcher:
             job.untaken_tokens = 0
         job.future.cancel()
 
-    async def embed(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> np.ndarray:
-        """Submit and wait (cancels the job if the awaiting task is cancelled)."""
-        job = self.submit(seqs, normalize)
-        try:
-            return await asyncio.shield(job.future)
-        except asyncio.CancelledError:
-            self.cancel(job)
-            raise
-
     # ---- the worker thread -----------------------------------------------------------------
 
     def _take(self) -> list[tuple[Job, int]]:
-        """Pop the next window of sequences (arrival order, within the token and size budget)."""
+        """Pop the next window of sequences (arrival order, within the token budget)."""
         window: list[tuple[Job, int]] = []
         tokens = 0
         while self._pending:
@@ -233,7 +225,7 @@ class Batcher:
                         self.on_drop(1)
                 continue
             n = len(job.seqs[row])
-            if window and (len(window) >= self.max_batch_size or tokens + n > self.max_batch_tokens):
+            if window and tokens + n > self.max_batch_tokens:
                 break
             self._pending.popleft()
             job.untaken_tokens -= n
@@ -261,8 +253,7 @@ class Batcher:
                     # A short queue may fill within max_wait of its oldest arrival; under load the
                     # oldest item has already waited through the previous batch, so this is free.
                     deadline = self._pending[0][2] + self.max_wait
-                    while (len(self._pending) < self.max_batch_size and not self._stopping
-                           and not self._pending_tokens_at_least(self.max_batch_tokens)):
+                    while not self._stopping and not self._pending_tokens_at_least(self.max_batch_tokens):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break

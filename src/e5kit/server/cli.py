@@ -35,8 +35,9 @@ def parse_model_arg(value: str) -> tuple[str | None, str]:
               help="Cut inputs longer than the model's limit unless a request says truncate=false.")
 @click.option("--max-inputs", default=2048, type=click.IntRange(1), help="Most inputs in one request.")
 @click.option("--max-body-bytes", default=16 << 20, type=click.IntRange(1), help="Largest request body.")
-@click.option("--max-batch-tokens", default=16384, type=click.IntRange(1), help="Token budget of one forward pass.")
-@click.option("--max-batch-size", default=256, type=click.IntRange(1), help="Most inputs in one forward pass.")
+@click.option("--max-batch-tokens", default=16384, type=click.IntRange(1),
+              help="Tokens the worker takes from the queue at once (padded size of one forward pass).")
+@click.option("--max-batch-size", default=32, type=click.IntRange(1), help="Most inputs in one forward pass.")
 @click.option("--max-wait-ms", default=2.0, type=click.FloatRange(0), help="Longest wait for a batch to fill.")
 @click.option("--max-queued-tokens", default=1 << 20, type=click.IntRange(1),
               help="Tokens admitted but not yet embedded beyond which requests get 429 + Retry-After.")
