@@ -332,17 +332,16 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
         return label
 
     def pick_model(request: Request, name: str | None) -> ServedModel:
-        if draining_or_not_ready():
-            raise APIError(503, "the server is shutting down or not ready", "server_error", code="not_ready")
+        # While draining, requests that reached us are still served: uvicorn has stopped accepting
+        # connections and closes kept-alive ones after their current response.
+        if not state["started"]:
+            raise APIError(503, "the server is starting", "server_error", code="not_ready")
         sm = default if name is None else lookup.get(name)
         if sm is None:
             raise APIError(404, f"model {name!r} is not served here; available: {sorted(served)}", param="model",
                            code="model_not_found")
         _labels(request)["model"] = sm.name
         return sm
-
-    def draining_or_not_ready() -> bool:
-        return state["draining"] or not state["started"]
 
     async def tokenize(sm: ServedModel, texts: list[str] | None, ids: list[list[int]] | None,
                        input_type: str | None, task: str | None, truncate: bool | None, param: str) -> Tokenized:
@@ -519,7 +518,7 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
     @app.get("/ready", tags=["operations"], summary="Readiness: models loaded, workers running, not draining")
     async def ready():
         dead = [sm.name for sm in served.values() if not sm.batcher.alive]
-        if draining_or_not_ready() or dead:
+        if state["draining"] or not state["started"] or dead:
             why = "draining" if state["draining"] else "starting" if not state["started"] else f"worker down: {dead}"
             return error_response(503, f"not ready ({why})", "server_error", code="not_ready")
         return {"status": "ready", "models": list(served)}

@@ -265,34 +265,52 @@ class Batcher:
     def _process(self, window: list[tuple[Job, int]]) -> None:
         lengths = [len(job.seqs[row]) for job, row in window]
         for part in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
-            items = [window[i] for i in part]
-            ntok = sum(lengths[i] for i in part)
-            t0 = time.perf_counter()
-            try:
-                by_norm: dict[bool, list[int]] = {}
-                for k, (job, _) in enumerate(items):
-                    by_norm.setdefault(job.normalize, []).append(k)
-                rows: list[np.ndarray | None] = [None] * len(items)
-                for norm, ks in by_norm.items():
-                    vecs = self.engine.forward([items[k][0].seqs[items[k][1]] for k in ks], normalize=norm)
-                    arr = vecs.float().cpu().numpy()
-                    for j, k in enumerate(ks):
-                        rows[k] = arr[j]
-                err = None
-            except Exception as e:  # never let one bad batch kill the worker
-                log.exception("model %s: a batch of %d inputs failed", self.name, len(items))
-                err = e
-            dt = time.perf_counter() - t0
-            self._finish(items, rows if err is None else None, err, ntok)
-            if err is None:
-                self._rate.update(ntok, dt)
-                if self.on_batch is not None:
-                    try:
-                        self.on_batch(BatchStats(size=len(items), tokens=ntok, seconds=dt))
-                    except Exception:  # metrics must not break serving
-                        log.exception("batch metrics callback failed")
+            self._run_part([window[i] for i in part])
 
-    def _finish(self, items, rows, err, ntok) -> None:
+    def _run_part(self, items: list[tuple[Job, int]]) -> None:
+        dead = [(job, row) for job, row in items if job.cancelled or job.done]
+        if dead:  # their clients left (or an earlier part of the job failed) after the window was taken
+            self._finish(dead, None, None)
+            items = [it for it in items if not (it[0].cancelled or it[0].done)]
+            if not items:
+                return
+        ntok = sum(len(job.seqs[row]) for job, row in items)
+        t0 = time.perf_counter()
+        try:
+            rows = self._forward(items)
+        except Exception as e:  # never let one bad batch kill the worker
+            jobs = list(dict.fromkeys(job for job, _ in items))
+            if len(jobs) > 1:  # retry job by job, so one request's failure is not its batch-mates'
+                log.warning("model %s: a batch of %d inputs failed (%s); retrying request by request",
+                            self.name, len(items), e)
+                for job in jobs:
+                    self._run_part([it for it in items if it[0] is job])
+                return
+            log.exception("model %s: a request of %d inputs failed", self.name, len(items))
+            self._finish(items, None, e)
+            return
+        dt = time.perf_counter() - t0
+        self._finish(items, rows, None)
+        self._rate.update(ntok, dt)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(BatchStats(size=len(items), tokens=ntok, seconds=dt))
+            except Exception:  # metrics must not break serving
+                log.exception("batch metrics callback failed")
+
+    def _forward(self, items: list[tuple[Job, int]]) -> list[np.ndarray]:
+        by_norm: dict[bool, list[int]] = {}
+        for k, (job, _) in enumerate(items):
+            by_norm.setdefault(job.normalize, []).append(k)
+        rows: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
+        for norm, ks in by_norm.items():
+            vecs = self.engine.forward([items[k][0].seqs[items[k][1]] for k in ks], normalize=norm)
+            arr = vecs.float().cpu().numpy()
+            for j, k in enumerate(ks):
+                rows[k] = arr[j]
+        return rows
+
+    def _finish(self, items, rows, err) -> None:
         finished: list[Job] = []
         failed: set[Job] = set()
         with self._cond:
