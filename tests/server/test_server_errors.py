@@ -43,6 +43,10 @@ def test_auth(tiny_server):
     url = tiny_server.url
     assert httpx.get(url + "/health").status_code == 200
     assert httpx.get(url + "/ready").status_code == 200
+    assert httpx.get(url + "/docs").status_code == 200
+    spec = httpx.get(url + "/openapi.json").json()
+    assert "input" in spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]
     assert_error(post(tiny_server, "/v1/embeddings", {"input": "a"}, key=False), 401, contains="missing API key")
     assert_error(post(tiny_server, "/embed", {"inputs": "a"}, headers={"Authorization": "Bearer nope"}, key=False),
                  401, contains="invalid API key")
