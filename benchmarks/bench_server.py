@@ -114,34 +114,41 @@ def _status_kb(pid: int, field: str) -> float:
 
 async def load(url: str, texts: list[str], clients: int, per_request: int, duration: float, server: Server,
                retry_429: float = 0.0) -> dict:
-    """C clients in closed loops for `duration` seconds; returns the run's figures."""
+    """C clients in closed loops for `duration` seconds; returns the run's figures.
+
+    Only requests answered within the window count. At its end the clients hang up: the server drops
+    their queued work, and the next run starts once its queue is empty.
+    """
     lat: list[float] = []
     statuses: dict[int, int] = {}
     tokens = 0
     errors = 0
+    in_flight = 0
     rss: list[float] = []
-    stop_at = time.monotonic() + duration
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
 
     async def sample_rss():
-        while time.monotonic() < stop_at:
+        while True:
             rss.append(server.rss_mb())
             await asyncio.sleep(0.25)
 
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         async def client(k: int):
-            nonlocal tokens, errors
+            nonlocal tokens, errors, in_flight
             i = k * 7919
-            while time.monotonic() < stop_at:
+            while True:
                 batch = [texts[(i + j) % len(texts)] for j in range(per_request)]
                 i += per_request
                 t0 = time.perf_counter()
+                in_flight += 1
                 try:
                     r = await c.post("/v1/embeddings", json={"model": "bench", "input": batch,
                                                             "input_type": "passage", "encoding_format": "base64"})
                 except httpx.HTTPError:
                     errors += 1
                     continue
+                finally:
+                    in_flight -= 1
                 dt = time.perf_counter() - t0
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                 if r.status_code == 200:
@@ -153,23 +160,39 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
                 else:
                     errors += 1
 
-        t_start = time.monotonic()
-        sampler = asyncio.create_task(sample_rss())
-        await asyncio.gather(*(client(k) for k in range(clients)))
-        elapsed = time.monotonic() - t_start
-        await sampler
+        tasks = [asyncio.create_task(sample_rss())] + [asyncio.create_task(client(k)) for k in range(clients)]
+        await asyncio.sleep(duration)
+        unanswered = in_flight
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await _wait_idle(url)
     lat.sort()
     ok = statuses.get(200, 0)
     return {
-        "clients": clients, "texts_per_request": per_request, "seconds": round(elapsed, 1),
-        "requests_ok": ok, "req_per_s": ok / elapsed, "tokens_per_s": tokens / elapsed,
+        "clients": clients, "texts_per_request": per_request, "seconds": duration,
+        "requests_ok": ok, "req_per_s": ok / duration, "tokens_per_s": tokens / duration,
         "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
-        "errors": errors, "status_429": statuses.get(429, 0),
+        "errors": errors, "status_429": statuses.get(429, 0), "unanswered_at_end": unanswered,
         "rss_start_mb": rss[0] if rss else float("nan"), "rss_end_mb": rss[-1] if rss else float("nan"),
         "rss_peak_mb": max(rss) if rss else float("nan"),
         "rss_quartiles_mb": [rss[min(len(rss) - 1, int(q * (len(rss) - 1)))] for q in (0, .25, .5, .75, 1)] if rss else [],
     }
+
+
+async def _wait_idle(url: str, timeout: float = 120) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        while time.monotonic() < deadline:
+            text = (await c.get("/metrics")).text
+            queued = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                         if s.name == "e5kit_queue_tokens")
+            if queued == 0:
+                return
+            await asyncio.sleep(0.2)
 
 
 class OfflineEngine:
@@ -195,6 +218,7 @@ class OfflineEngine:
 def fmt_row(r: dict) -> str:
     return (f"| {r['clients']:>3} | {r['texts_per_request']:>2} | {r['req_per_s']:8.1f} | {r['tokens_per_s']:8.0f} | "
             f"{r['p50_ms']:8.0f} | {r['p99_ms']:8.0f} | {r['errors']:>3} | {r['status_429']:>5} | "
+            f"{r['unanswered_at_end']:>3} | "
             f"{r['rss_peak_mb']:6.0f} |")
 
 
@@ -224,8 +248,8 @@ def main() -> None:
     engine = OfflineEngine(model, texts[:args.offline_texts])
     server = Server(model, [], logdir / "bench_server.log")
     runs = []
-    header = ("| clients | texts/req | req/s | tokens/s | p50 ms | p99 ms | errors | 429s | peak RSS MB |\n"
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    header = ("| clients | texts/req | req/s | tokens/s | p50 ms | p99 ms | errors | 429s | unanswered at end | peak RSS MB |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     offline = []
     try:
         for k, size in enumerate(int(s) for s in args.sizes.split(",")):

@@ -347,6 +347,18 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
                        input_type: str | None, task: str | None, truncate: bool | None, param: str) -> Tokenized:
         truncate = config.auto_truncate if truncate is None else truncate
         engine = sm.model.engine
+        # Under overload, refuse before spending CPU on tokenizing: a cheap lower bound on the token
+        # count (half the whitespace-separated words plus the special tokens) must fit in the queue.
+        limit = engine.max_tokens
+        if ids is not None:
+            at_least = sum(min(len(s), limit) for s in ids)
+        else:
+            at_least = sum(min(len(t.split()) // 2 + 2, limit) for t in texts)
+        try:
+            sm.batcher.check_room(at_least)
+        except QueueFull as e:
+            metrics.rejected.labels(sm.name).inc()
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
         try:
             if ids is not None:
                 return engine.check_ids(ids, truncate=truncate)

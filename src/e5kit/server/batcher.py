@@ -199,6 +199,12 @@ class Batcher:
             self._cond.notify()
         return job
 
+    def check_room(self, min_tokens: int) -> None:
+        """Raise :class:`QueueFull` now if even ``min_tokens`` would not fit (saves tokenizing a doomed request)."""
+        queued = self._queued_tokens
+        if queued and queued + min_tokens > self.max_queued_tokens:
+            raise QueueFull(queued, self.max_queued_tokens, self.retry_after(queued))
+
     def cancel(self, job: Job) -> None:
         """Drop the job's sequences that have not reached the model yet."""
         with self._cond:
