@@ -54,6 +54,9 @@ def serve(model, device, dtype, backend, threads, host, port, api_keys, api_key_
     \b
     e5kit serve --model intfloat/e5-small-v2 --port 8000
     e5kit serve -m small=intfloat/e5-small-v2 -m ml=intfloat/multilingual-e5-small --api-key-file keys.txt
+
+    Every option can also come from the environment: E5KIT_PORT=9000, E5KIT_MODEL="a=dir1 b=dir2",
+    E5KIT_API_KEY="k1 k2", E5KIT_MAX_QUEUED_TOKENS=..., and so on.
     """
     import logging
 
