@@ -67,13 +67,22 @@ def models():
             click.echo("  ".join("-" * w for w in widths))
 
 
-def model_options(f):
-    """--model / --device / --dtype / --backend / --threads, shared by every command that loads a model."""
+def model_options(f=None, *, multiple: bool = False):
+    """--model / --device / --dtype / --backend / --threads, shared by every command that loads a model.
+
+    ``@model_options(multiple=True)`` makes --model repeatable (the command gets a tuple).
+    """
+    if f is None:
+        return lambda g: model_options(g, multiple=multiple)
     f = click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")(f)
     f = click.option("--backend", default="auto", show_default=True, help="auto, torch or int8.")(f)
     f = click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU).")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available).")(f)
-    f = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Hub id or local directory.")(f)
+    if multiple:
+        f = click.option("--model", "-m", multiple=True, default=(DEFAULT_MODEL,), show_default=True,
+                         help="Hub id or local directory; repeat to load several models.")(f)
+    else:
+        f = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Hub id or local directory.")(f)
     return f
 
 

@@ -1,0 +1,299 @@
+"""Load test of `e5kit serve` on loopback, against the engine's offline throughput on the same texts.
+
+A bounded async load generator (httpx): C clients, each sending its next request as soon as the last
+one is answered, for D seconds; requests carry 1 or 32 SciFact passages (`input_type: passage`).
+Reports requests/s, tokens/s (from the responses' usage), p50/p99 latency, errors and the server's
+peak RSS per run, then the engine's offline tokens/s on the same texts (E5.encode_passages, batch 32)
+and the ratio. Last, an overload run against a server with a small --max-queued-tokens: more
+clients than it can serve, showing 429s (with Retry-After) instead of memory growth.
+
+    flock /tmp/e5kit-cpu.lock python benchmarks/bench_server.py --duration 30
+
+Model: a random-weight e5-small-v2-shaped BERT built from ../shared/models/e5-small-v2-tokenizer
+(weights do not matter for speed), or any checkpoint directory with --model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def build_random_e5_small(out: Path) -> Path:
+    """BertModel(BertConfig.from_pretrained(tokenizer dir)) with random weights + the real tokenizer files."""
+    src = SHARED / "models" / "e5-small-v2-tokenizer"
+    if (out / "model.safetensors").exists():
+        return out
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig.from_pretrained(str(src)), add_pooling_layer=False)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def scifact_passages(n: int) -> list[str]:
+    out = []
+    with open(SHARED / "data" / "scifact" / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            out.append(f"{d.get('title', '')} {d['text']}".strip())
+            if len(out) >= n:
+                break
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, extra: list[str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "e5kit", "serve", "-m", f"bench={model}", "--port", str(self.port),
+             "--no-access-log", *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: see {log}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("server did not start")
+
+    def rss_mb(self) -> float:
+        return _status_kb(self.proc.pid, "VmRSS") / 1024
+
+    def peak_rss_mb(self) -> float:
+        return _status_kb(self.proc.pid, "VmHWM") / 1024
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self.log.close()
+        return code
+
+
+def _status_kb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def load(url: str, texts: list[str], clients: int, per_request: int, duration: float, server: Server,
+               retry_429: float = 0.0) -> dict:
+    """C clients in closed loops for `duration` seconds; returns the run's figures.
+
+    Only requests answered within the window count. At its end the clients hang up: the server drops
+    their queued work, and the next run starts once its queue is empty.
+    """
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    tokens = 0
+    errors = 0
+    in_flight = 0
+    rss: list[float] = []
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+
+    async def sample_rss():
+        while True:
+            rss.append(server.rss_mb())
+            await asyncio.sleep(0.25)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+        async def client(k: int):
+            nonlocal tokens, errors, in_flight
+            i = k * 7919
+            while True:
+                batch = [texts[(i + j) % len(texts)] for j in range(per_request)]
+                i += per_request
+                t0 = time.perf_counter()
+                in_flight += 1
+                try:
+                    r = await c.post("/v1/embeddings", json={"model": "bench", "input": batch,
+                                                            "input_type": "passage", "encoding_format": "base64"})
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                finally:
+                    in_flight -= 1
+                dt = time.perf_counter() - t0
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    lat.append(dt)
+                    tokens += r.json()["usage"]["total_tokens"]
+                elif r.status_code == 429:
+                    if retry_429:
+                        await asyncio.sleep(retry_429)
+                else:
+                    errors += 1
+
+        tasks = [asyncio.create_task(sample_rss())] + [asyncio.create_task(client(k)) for k in range(clients)]
+        await asyncio.sleep(duration)
+        unanswered = in_flight
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await _wait_idle(url)
+    lat.sort()
+    ok = statuses.get(200, 0)
+    return {
+        "clients": clients, "texts_per_request": per_request, "seconds": duration,
+        "requests_ok": ok, "req_per_s": ok / duration, "tokens_per_s": tokens / duration,
+        "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
+        "errors": errors, "status_429": statuses.get(429, 0), "unanswered_at_end": unanswered,
+        "rss_start_mb": rss[0] if rss else float("nan"), "rss_end_mb": rss[-1] if rss else float("nan"),
+        "rss_peak_mb": max(rss) if rss else float("nan"),
+        "rss_quartiles_mb": [rss[min(len(rss) - 1, int(q * (len(rss) - 1)))] for q in (0, .25, .5, .75, 1)] if rss else [],
+    }
+
+
+async def _wait_idle(url: str, timeout: float = 120) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        while time.monotonic() < deadline:
+            text = (await c.get("/metrics")).text
+            queued = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                         if s.name == "e5kit_queue_tokens")
+            if queued == 0:
+                return
+            await asyncio.sleep(0.2)
+
+
+class OfflineEngine:
+    """The engine alone on the same texts: E5.encode_passages with batch 32 (the library default)."""
+
+    def __init__(self, model: Path, texts: list[str]):
+        from e5kit import E5
+
+        self.m = E5(str(model))
+        self.formatted = self.m.format(texts, "passage")
+        self.n_tokens = sum(len(x) for x in self.m.tokenize(self.formatted))
+        self.m.encode(self.formatted[:32])  # warm-up
+
+    def tokens_per_s(self, seconds: float) -> float:
+        t0 = time.perf_counter()
+        rounds = 0
+        while rounds == 0 or time.perf_counter() - t0 < seconds:
+            self.m.encode(self.formatted, batch_size=32)
+            rounds += 1
+        return rounds * self.n_tokens / (time.perf_counter() - t0)
+
+
+def fmt_row(r: dict) -> str:
+    return (f"| {r['clients']:>3} | {r['texts_per_request']:>2} | {r['req_per_s']:8.1f} | {r['tokens_per_s']:8.0f} | "
+            f"{r['p50_ms']:8.0f} | {r['p99_ms']:8.0f} | {r['errors']:>3} | {r['status_429']:>5} | "
+            f"{r['unanswered_at_end']:>3} | "
+            f"{r['rss_peak_mb']:6.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: random e5-small-v2 shape)")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds per load run")
+    ap.add_argument("--clients", default="1,16,64", help="concurrency levels")
+    ap.add_argument("--sizes", default="1,32", help="texts per request")
+    ap.add_argument("--n-texts", type=int, default=1024, help="SciFact passages to cycle through")
+    ap.add_argument("--offline-texts", type=int, default=256, help="passages for the offline engine run")
+    ap.add_argument("--overload-clients", type=int, default=128)
+    ap.add_argument("--overload-queue", type=int, default=32768, help="--max-queued-tokens of the overload server")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")  # truncation warnings from the offline run
+
+    model = args.model or build_random_e5_small(Path.home() / ".cache" / "e5kit-bench" / "e5-small-v2-random")
+    texts = scifact_passages(args.n_texts)
+    logdir = Path(os.environ.get("TMPDIR", "/tmp"))
+    print(f"model {model}; {len(texts)} SciFact passages; {args.duration:.0f} s per run; {os.cpu_count()} CPUs",
+          flush=True)
+
+    # The engine offline is measured right before and right after the single-text runs (the machine
+    # is shared, so the ratio uses both), with the server up but idle.
+    offline_s = max(10.0, args.duration / 2)
+    engine = OfflineEngine(model, texts[:args.offline_texts])
+    server = Server(model, [], logdir / "bench_server.log")
+    runs = []
+    header = ("| clients | texts/req | req/s | tokens/s | p50 ms | p99 ms | errors | 429s | unanswered at end | peak RSS MB |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    offline = []
+    try:
+        for k, size in enumerate(int(s) for s in args.sizes.split(",")):
+            if k == 0:
+                offline.append(engine.tokens_per_s(offline_s))
+                print(f"engine offline (before): {offline[-1]:.0f} tokens/s", flush=True)
+                print(header, flush=True)
+            for clients in [int(c) for c in args.clients.split(",")]:
+                r = asyncio.run(load(server.url, texts, clients, size, args.duration, server))
+                runs.append(r)
+                print(fmt_row(r), flush=True)
+            if k == 0:
+                offline.append(engine.tokens_per_s(offline_s))
+                print(f"engine offline (after): {offline[-1]:.0f} tokens/s", flush=True)
+        server_hwm = server.peak_rss_mb()
+    finally:
+        code = server.stop()
+    print(f"server peak RSS (VmHWM) {server_hwm:.0f} MB; exit code after SIGTERM {code}", flush=True)
+    ref = sum(offline) / len(offline)
+    print(f"engine offline: {ref:.0f} tokens/s (mean of {', '.join(f'{x:.0f}' for x in offline)}; "
+          f"E5.encode_passages, batch 32, {args.offline_texts} passages, {engine.n_tokens} tokens)", flush=True)
+    top = max(int(c) for c in args.clients.split(","))
+    for r in runs:
+        if r["texts_per_request"] == 1 and r["clients"] == top:
+            print(f"server at {top} single-text clients: {r['tokens_per_s']:.0f} tokens/s = "
+                  f"{r['tokens_per_s'] / ref:.0%} of the engine offline (range {r['tokens_per_s'] / max(offline):.0%}"
+                  f"..{r['tokens_per_s'] / min(offline):.0%}; target >= 80%), errors {r['errors']}", flush=True)
+
+    # Overload: clients that ignore Retry-After against a small queue.
+    ov_server = Server(model, ["--max-queued-tokens", str(args.overload_queue)], logdir / "bench_server_overload.log")
+    try:
+        ov = asyncio.run(load(ov_server.url, texts, args.overload_clients, 32, args.duration, ov_server,
+                              retry_429=0.05))
+        ov_hwm = ov_server.peak_rss_mb()
+    finally:
+        ov_code = ov_server.stop()
+    print(f"overload ({args.overload_clients} clients x 32 texts, --max-queued-tokens {args.overload_queue}): "
+          f"{ov['requests_ok']} ok, {ov['status_429']} answered 429, {ov['errors']} other errors; RSS at 0/25/50/75/100% "
+          f"of the run {' / '.join(f'{x:.0f}' for x in ov['rss_quartiles_mb'])} MB, peak {ov['rss_peak_mb']:.0f} MB "
+          f"(VmHWM {ov_hwm:.0f} MB); p50 {ov['p50_ms']:.0f} ms p99 {ov['p99_ms']:.0f} ms; exit code {ov_code}",
+          flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "offline_tokens_per_s": offline, "overload": ov}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""The e5kit embedding server: OpenAI-compatible and native HTTP API with dynamic batching.
+
+``create_app`` builds the FastAPI app; ``e5kit serve`` (:mod:`e5kit.server.cli`) runs it.
+"""
+
+from .app import ServerConfig, create_app
+
+__all__ = ["create_app", "ServerConfig"]

@@ -1,0 +1,353 @@
+"""Dynamic batching: one queue and one model worker thread per served model.
+
+Request handlers (on the event loop) tokenize, then :meth:`Batcher.submit` a job of token-id
+sequences. The worker thread takes queued sequences in arrival order up to a token budget (waiting
+at most ``max_wait`` for more when the queue is short), sorts that window by length and splits it
+with :func:`e5kit.engine.plan_batches` (at most ``max_batch_size`` inputs per pass, as
+``E5.encode`` does offline), runs :meth:`Engine.forward` on each part, and resolves the
+job's asyncio future with ``loop.call_soon_threadsafe`` once all its rows are done. The event loop
+never runs the model; a failing batch fails only the jobs in it, never the worker.
+
+Backpressure: tokens admitted but not yet embedded are counted; a job that would push the count
+past ``max_queued_tokens`` is refused with :class:`QueueFull` (the server answers 429 with a
+Retry-After estimated from recent throughput). A cancelled job (its client went away) has its
+queued sequences dropped before they reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..engine import Engine, plan_batches
+
+log = logging.getLogger("e5kit.server")
+
+
+class QueueFull(RuntimeError):
+    """The queue holds too many tokens to admit this job now."""
+
+    def __init__(self, queued: int, limit: int, retry_after: int):
+        self.queued, self.limit, self.retry_after = queued, limit, retry_after
+        super().__init__(f"the server is busy: {queued} tokens queued (limit {limit}); retry in {retry_after} s")
+
+
+class TooManyTokens(ValueError):
+    """The job alone is larger than the whole queue may ever hold."""
+
+    def __init__(self, n_tokens: int, limit: int):
+        self.n_tokens, self.limit = n_tokens, limit
+        super().__init__(f"the request has {n_tokens} tokens, more than this server queues at once ({limit}); "
+                         f"split it into smaller requests")
+
+
+class ShuttingDown(RuntimeError):
+    """The batcher has stopped and takes no new work."""
+
+
+@dataclass(eq=False)
+class Job:
+    seqs: list[list[int]]
+    normalize: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    out: np.ndarray
+    remaining: int
+    untaken_tokens: int
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+
+@dataclass
+class BatchStats:
+    """What the worker reports after each forward pass (for metrics)."""
+
+    size: int
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class _Throughput:
+    tokens_per_s: float = 0.0
+    samples: int = 0
+
+    def update(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        self.tokens_per_s = rate if self.samples == 0 else 0.8 * self.tokens_per_s + 0.2 * rate
+        self.samples += 1
+
+
+def _resolve(fut: asyncio.Future, value=None, exc: BaseException | None = None) -> None:
+    if fut.done():  # the handler gave up (client disconnected) or the loop is shutting down
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+class Batcher:
+    """The queue and the single worker thread for one model."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        max_batch_tokens: int = 16384,
+        max_batch_size: int = 32,
+        max_wait: float = 0.002,
+        max_queued_tokens: int = 1 << 20,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ):
+        if max_batch_tokens < engine.max_tokens:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least the model's input limit "
+                             f"({engine.max_tokens}) so every input fits in a batch")
+        if max_batch_size < 1 or max_queued_tokens < 1 or max_wait < 0:
+            raise ValueError("max_batch_size and max_queued_tokens must be positive and max_wait >= 0")
+        self.engine, self.name = engine, name
+        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
+        self.max_wait, self.max_queued_tokens = max_wait, max_queued_tokens
+        self.on_batch, self.on_drop = on_batch, on_drop
+        self._cond = threading.Condition()
+        self._pending: deque[tuple[Job, int, float]] = deque()  # (job, row, arrival time)
+        self._queued_tokens = 0  # admitted, not yet embedded (pending or in the running batch)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._rate = _Throughput()
+        self.dropped = 0
+
+    # ---- state ---------------------------------------------------------------------------
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def pending_inputs(self) -> int:
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def retry_after(self, queued: int | None = None) -> int:
+        """Seconds until the queue has likely drained (1..60), from recent throughput."""
+        queued = self._queued_tokens if queued is None else queued
+        rate = self._rate.tokens_per_s
+        if rate <= 0:
+            return 1
+        return int(min(60, max(1, math.ceil(queued / rate))))
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"e5kit-worker[{self.name}]", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then end the worker thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the event-loop side ---------------------------------------------------------------
+
+    def submit(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> Job:
+        """Queue token-id sequences; the returned job's future resolves to an (n, dim) float32 array.
+
+        Must be called from the event loop thread that will await the future.
+        """
+        loop = asyncio.get_running_loop()
+        seqs = [list(s) for s in seqs]
+        n_tokens = sum(len(s) for s in seqs)
+        if n_tokens > self.max_queued_tokens:
+            raise TooManyTokens(n_tokens, self.max_queued_tokens)
+        job = Job(seqs=seqs, normalize=normalize, loop=loop, future=loop.create_future(),
+                  out=np.empty((len(seqs), self.engine.dim), dtype=np.float32), remaining=len(seqs),
+                  untaken_tokens=n_tokens)
+        if not seqs:
+            job.future.set_result(job.out)
+            return job
+        now = time.monotonic()
+        with self._cond:
+            if self._stopping or not self.alive:
+                raise ShuttingDown(f"model {self.name} is not accepting work")
+            if self._queued_tokens + n_tokens > self.max_queued_tokens:
+                raise QueueFull(self._queued_tokens, self.max_queued_tokens, self.retry_after())
+            self._queued_tokens += n_tokens
+            self._pending.extend((job, i, now) for i in range(len(seqs)))
+            self._cond.notify()
+        return job
+
+    def check_room(self, min_tokens: int) -> None:
+        """Raise :class:`QueueFull` now if even ``min_tokens`` would not fit (saves tokenizing a doomed request)."""
+        queued = self._queued_tokens
+        if queued and queued + min_tokens > self.max_queued_tokens:
+            raise QueueFull(queued, self.max_queued_tokens, self.retry_after(queued))
+
+    def cancel(self, job: Job) -> None:
+        """Drop the job's sequences that have not reached the model yet."""
+        with self._cond:
+            if job.cancelled or job.done:
+                return
+            job.cancelled = True
+            self._queued_tokens -= job.untaken_tokens
+            job.untaken_tokens = 0
+        job.future.cancel()
+
+    # ---- the worker thread -----------------------------------------------------------------
+
+    def _take(self) -> list[tuple[Job, int]]:
+        """Pop the next window of sequences (arrival order, within the token budget)."""
+        window: list[tuple[Job, int]] = []
+        tokens = 0
+        while self._pending:
+            job, row, _ = self._pending[0]
+            if job.cancelled:
+                self._pending.popleft()
+                if not job.done:  # its client went away (a failed job's leftovers are not counted)
+                    self.dropped += 1
+                    if self.on_drop is not None:
+                        self.on_drop(1)
+                continue
+            n = len(job.seqs[row])
+            if window and tokens + n > self.max_batch_tokens:
+                break
+            self._pending.popleft()
+            job.untaken_tokens -= n
+            window.append((job, row))
+            tokens += n
+        return window
+
+    def _pending_tokens_at_least(self, budget: int) -> bool:
+        tokens = 0
+        for job, row, _ in self._pending:
+            if not job.cancelled:
+                tokens += len(job.seqs[row])
+                if tokens >= budget:
+                    return True
+        return False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending and self._stopping:
+                    return
+                if self.max_wait > 0 and not self._stopping:
+                    # A short queue may fill within max_wait of its oldest arrival; under load the
+                    # oldest item has already waited through the previous batch, so this is free.
+                    deadline = self._pending[0][2] + self.max_wait
+                    while not self._stopping and not self._pending_tokens_at_least(self.max_batch_tokens):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                window = self._take()
+            if window:
+                self._process(window)
+
+    def _process(self, window: list[tuple[Job, int]]) -> None:
+        lengths = [len(job.seqs[row]) for job, row in window]
+        for part in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
+            self._run_part([window[i] for i in part])
+
+    def _run_part(self, items: list[tuple[Job, int]]) -> None:
+        dead = [(job, row) for job, row in items if job.cancelled or job.done]
+        if dead:  # their clients left (or an earlier part of the job failed) after the window was taken
+            self._finish(dead, None, None)
+            items = [it for it in items if not (it[0].cancelled or it[0].done)]
+            if not items:
+                return
+        ntok = sum(len(job.seqs[row]) for job, row in items)
+        t0 = time.perf_counter()
+        try:
+            rows = self._forward(items)
+        except Exception as e:  # never let one bad batch kill the worker
+            jobs = list(dict.fromkeys(job for job, _ in items))
+            if len(jobs) > 1:  # retry job by job, so one request's failure is not its batch-mates'
+                log.warning("model %s: a batch of %d inputs failed (%s); retrying request by request",
+                            self.name, len(items), e)
+                for job in jobs:
+                    self._run_part([it for it in items if it[0] is job])
+                return
+            log.exception("model %s: a request of %d inputs failed", self.name, len(items))
+            self._finish(items, None, e)
+            return
+        dt = time.perf_counter() - t0
+        self._finish(items, rows, None)
+        self._rate.update(ntok, dt)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(BatchStats(size=len(items), tokens=ntok, seconds=dt))
+            except Exception:  # metrics must not break serving
+                log.exception("batch metrics callback failed")
+
+    def _forward(self, items: list[tuple[Job, int]]) -> list[np.ndarray]:
+        by_norm: dict[bool, list[int]] = {}
+        for k, (job, _) in enumerate(items):
+            by_norm.setdefault(job.normalize, []).append(k)
+        rows: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
+        for norm, ks in by_norm.items():
+            vecs = self.engine.forward([items[k][0].seqs[items[k][1]] for k in ks], normalize=norm)
+            arr = vecs.float().cpu().numpy()
+            for j, k in enumerate(ks):
+                rows[k] = arr[j]
+        return rows
+
+    def _finish(self, items, rows, err) -> None:
+        finished: list[Job] = []
+        failed: set[Job] = set()
+        with self._cond:
+            self._queued_tokens -= sum(len(job.seqs[row]) for job, row in items)
+            for k, (job, row) in enumerate(items):
+                if job.cancelled or job.done:
+                    continue
+                if err is not None:
+                    failed.add(job)
+                    continue
+                job.out[row] = rows[k]
+                job.remaining -= 1
+                if job.remaining == 0:
+                    job.done = True
+                    finished.append(job)
+            for job in failed:  # drop the rest of a failed job too
+                job.done = True
+                self._queued_tokens -= job.untaken_tokens
+                job.untaken_tokens = 0
+                job.cancelled = True
+        for job in finished:
+            _call(job.loop, _resolve, job.future, job.out)
+        for job in failed:
+            _call(job.loop, _resolve, job.future, None, RuntimeError(f"embedding failed: {err}"))
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+__all__ = ["Batcher", "Job", "BatchStats", "QueueFull", "TooManyTokens", "ShuttingDown"]

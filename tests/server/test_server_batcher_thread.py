@@ -1,0 +1,55 @@
+"""The batcher in-process with a real tiny engine: a failing request fails only itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from e5kit import E5
+from e5kit.server.batcher import Batcher, ShuttingDown, TooManyTokens
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bert):
+    return E5(str(tiny_bert)).engine
+
+
+def test_bad_batch_fails_its_jobs_and_the_worker_lives(engine):
+    b = Batcher(engine, "t", max_wait=0.05)
+    b.start()
+
+    async def run():
+        good = b.submit([[2, 10, 11, 3]])
+        bad = b.submit([[2, 10 ** 6, 3]])  # an id past the embedding table: the forward pass raises
+        done = await asyncio.gather(good.future, bad.future, return_exceptions=True)
+        after = await b.submit([[2, 10, 11, 3], [2, 12, 3]]).future
+        return done, after
+
+    (good, bad), after = asyncio.run(run())
+    assert isinstance(bad, RuntimeError) and "embedding failed" in str(bad)
+    assert b.alive and b.queued_tokens == 0
+    np.testing.assert_allclose(after[0], engine.forward([[2, 10, 11, 3]])[0].numpy(), atol=1e-5)
+    # It shared a batch with the bad job: the worker retried it alone.
+    np.testing.assert_allclose(good[0], after[0], atol=1e-5)
+    b.stop()
+    assert not b.alive
+    with pytest.raises(ShuttingDown):
+        asyncio.run(_submit(b, [[2, 3]]))
+
+
+async def _submit(b, seqs):
+    return await b.submit(seqs).future
+
+
+def test_limits(engine):
+    # Queue-full (429) and cancellation run end to end in test_server_errors.py.
+    b = Batcher(engine, "t", max_queued_tokens=600, max_wait=0)
+    b.start()
+    with pytest.raises(TooManyTokens):
+        asyncio.run(_submit(b, [[2] + [10] * 600 + [3]]))
+    assert asyncio.run(_submit(b, [[2] + [10] * 500 + [3]])).shape == (1, engine.dim)
+    b.stop()
+    with pytest.raises(ValueError, match="at least the model's input limit"):
+        Batcher(engine, "t", max_batch_tokens=100)
