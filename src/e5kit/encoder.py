@@ -280,9 +280,11 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def mean_pool(hidden: torch.Tensor, p: Packed) -> torch.Tensor:
-    """Mean of each sequence's token states (the E5 model cards' ``average_pool``), in fp32."""
-    out = torch.zeros(p.batch_size, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    out.index_add_(0, p.seq_index, hidden.float())
+    """Mean of each sequence's token states (the E5 model cards' ``average_pool``), in fp32
+    (fp64 for an fp64 model)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(p.batch_size, hidden.shape[1], dtype=dtype, device=hidden.device)
+    out.index_add_(0, p.seq_index, hidden.to(dtype))
     return out / p.lengths[:, None].to(out.dtype)
 
 
