@@ -3,6 +3,7 @@ GradCache, multi-process data parallel, hard-negative mining and the consistency
 
 from .data import DataError, Example, load_examples
 from .losses import contrastive_loss
-from .trainer import TrainConfig, TrainResult, Trainer, train
+from .config import TrainConfig
+from .trainer import TrainResult, Trainer, train
 
 __all__ = ["DataError", "Example", "load_examples", "contrastive_loss", "TrainConfig", "TrainResult", "Trainer", "train"]

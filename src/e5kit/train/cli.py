@@ -10,18 +10,8 @@ from pathlib import Path
 import click
 
 from ..cli import load_model, model_options
+from .config import TrainConfig, option_type
 
-# TrainConfig fields as CLI flags; kept in sync with trainer.TrainConfig by test_train_cli_flags_cover_config.
-_FLAG_TYPES = {
-    "data": str, "model": str, "output_dir": str, "epochs": int, "max_steps": int, "batch_size": int,
-    "negatives": int, "chunk_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
-    "warmup_ratio": float, "max_grad_norm": float, "temperature": float, "alpha": float,
-    "teacher_temperature": float, "distill": bool, "gather": bool, "query_max_length": int,
-    "passage_max_length": int, "precision": str, "gradient_checkpointing": bool, "dropout": float, "seed": int,
-    "shuffle": bool, "device": str, "threads": int, "prompt_style": str, "task": str, "skip_bad_lines": bool,
-    "log_every": int, "save_every": int, "save_total_limit": int, "eval_data": str, "eval_split": str,
-    "eval_every": int, "tensorboard": bool, "progress": bool, "resume": str,
-}
 _HELP = {
     "data": "Training jsonl: {query, positive, negatives?, teacher_scores?} per line.",
     "model": "Model to fine-tune (hub id or local directory).",
@@ -38,12 +28,14 @@ _HELP = {
 
 
 def _train_options(f):
-    for name in reversed(list(_FLAG_TYPES)):
-        typ, flag = _FLAG_TYPES[name], name.replace("_", "-")
+    """One flag per TrainConfig field; None (not given) leaves the config file's value alone."""
+    for fld in reversed(dataclasses.fields(TrainConfig)):
+        typ, flag = option_type(fld), fld.name.replace("_", "-")
+        help_ = f"{_HELP.get(fld.name, '')} [default: {fld.default}]".strip()
         if typ is bool:
-            f = click.option(f"--{flag}/--no-{flag}", name, default=None, help=_HELP.get(name))(f)
+            f = click.option(f"--{flag}/--no-{flag}", fld.name, default=None, help=help_)(f)
         else:
-            f = click.option(f"--{flag}", name, type=typ, default=None, help=_HELP.get(name))(f)
+            f = click.option(f"--{flag}", fld.name, type=typ, default=None, help=help_)(f)
     return f
 
 
@@ -59,7 +51,6 @@ def train(config, **flags):
     import logging
 
     from .data import DataError
-    from .trainer import TrainConfig
     from .trainer import train as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-DEFAULT_TEMPERATURE = 0.01  # the E5 paper's tau
-DEFAULT_ALPHA = 0.2  # weight of InfoNCE next to the KL term when distilling
+from .config import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+
 
 
 class _GatherWithGrad(torch.autograd.Function):

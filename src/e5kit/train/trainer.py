@@ -23,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,93 +30,18 @@ import torch.distributed as dist
 from ..encoder import Encoder, embed_batch
 from ..engine import resolve_device
 from ..loading import load_checkpoint, load_encoder, load_tokenizer
-from ..models import DEFAULT_MODEL
 from ..prompts import format_texts
 from .checkpoint import save_model
 from .data import Example, Schedule, load_examples, pick_negatives
 from .gradcache import full_batch_step, grad_cache_step
-from .losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, LossOutput, contrastive_loss
+from .config import TrainConfig
+from .losses import LossOutput, contrastive_loss
 
 log = logging.getLogger("e5kit.train")
 
 STATE_FILE = "trainer_state.pt"
-PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+AMP_DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
               "fp16": torch.float16, "float16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; the YAML config and the CLI flags set these fields."""
-
-    data: str = ""  # training jsonl
-    model: str = DEFAULT_MODEL  # hub id or local directory to start from
-    output_dir: str = "e5kit-model"
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 32  # queries per step per process (contrastive batch = batch_size x processes)
-    negatives: int = 1  # hard negatives per query (0 for pair data / pre-training)
-    chunk_size: int | None = None  # GradCache chunk (sequences); None = one full-batch backward
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.1  # used when warmup_steps is not set
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA  # loss = KL + alpha * InfoNCE when distilling
-    teacher_temperature: float = 1.0
-    distill: bool | None = None  # None: on when the data has teacher_scores
-    gather: bool = True  # negatives from every process
-    query_max_length: int = 64
-    passage_max_length: int = 256
-    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 uses a gradient scaler)
-    gradient_checkpointing: bool = False
-    dropout: float | None = None  # None: the checkpoint's hidden/attention dropout
-    seed: int = 42
-    shuffle: bool = True
-    device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
-    threads: int | None = None
-    prompt_style: str | None = None  # override the model's (e5, instruct, none)
-    task: str | None = None  # instruction for instruct models
-    skip_bad_lines: bool = False
-    log_every: int = 1
-    save_every: int | None = None  # checkpoint every N steps
-    save_total_limit: int | None = 2  # keep the last N step checkpoints
-    eval_data: str | None = None  # BEIR-format directory evaluated every eval_every steps
-    eval_split: str = "dev"
-    eval_every: int | None = None
-    tensorboard: bool = False
-    progress: bool | None = None  # None: when stderr is a terminal
-    resume: str | None = None  # a checkpoint-N directory, or "auto" for the latest in output_dir
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        import yaml
-
-        d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of option: value")
-        return cls.from_dict(d)
-
-    def validate(self) -> None:
-        if not self.data:
-            raise ValueError("no training data: set `data` (a jsonl file)")
-        for name in ("batch_size", "epochs", "query_max_length", "passage_max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.negatives < 0 or (self.chunk_size is not None and self.chunk_size < 1):
-            raise ValueError("negatives must be >= 0 and chunk_size >= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {self.precision!r}")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError("temperature and lr must be positive")
 
 
 @dataclass
@@ -227,7 +151,7 @@ class Trainer:
             self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.amp_dtype = PRECISIONS[cfg.precision]
+        self.amp_dtype = AMP_DTYPES[cfg.precision]
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("fp16 training needs CUDA; use bf16 or fp32 on CPU")
         self.output_dir = Path(cfg.output_dir)
@@ -452,7 +376,7 @@ class Trainer:
             return None
         scores = None
         try:
-            scores = evaluate_model(self.model, self.base, self.prompt_style, self.cfg)
+            scores = evaluate_model(self.model, self.base, self.cfg)
         finally:
             self.model.train()
         if scores is not None:
@@ -470,26 +394,29 @@ class Trainer:
 _warned_no_eval = False
 
 
-def evaluate_model(model: Encoder, base, prompt_style: str, cfg: TrainConfig) -> dict[str, float] | None:
-    """Score the model in training on cfg.eval_data with ``e5kit.evaluate`` (None when absent)."""
+def evaluate_model(model: Encoder, base, cfg: TrainConfig) -> dict[str, float] | None:
+    """Retrieval scores of the model in training on cfg.eval_data (a BEIR folder) through
+    ``e5kit.evaluate.evaluate_retrieval``; None (with one warning) when that module is absent."""
     global _warned_no_eval
     try:
-        from .. import evaluate as ev  # built separately; optional here
-        run = getattr(ev, "evaluate_beir")
-    except (ImportError, AttributeError) as e:
+        from ..evaluate import evaluate_retrieval  # optional: the evaluation extra
+    except ImportError as e:
         if not _warned_no_eval:
-            log.warning("skipping evaluation: e5kit.evaluate.evaluate_beir is not available (%s)", e)
+            log.warning("skipping evaluation: e5kit.evaluate is not available (%s)", e)
             _warned_no_eval = True
         return None
     from ..api import E5
     from ..engine import Engine
 
-    e5 = E5.__new__(E5)  # an E5 façade over the in-training weights, without reloading them
-    e5.engine = Engine(base, device=model.embeddings.word.weight.device, dtype=torch.float32, encoder=model)
-    e5.spec, e5.backend, e5.last_truncated = base.spec, "torch", []
+    device = model.embeddings.word.weight.device
+    e5 = E5.from_engine(Engine(base, device=device, dtype=torch.float32, encoder=model))
     with torch.no_grad():
-        result = run(e5, cfg.eval_data, split=cfg.eval_split)
-    return {k: float(v) for k, v in dict(result).items() if isinstance(v, (int, float))}
+        result = evaluate_retrieval(e5, cfg.eval_data, split=cfg.eval_split)
+    scores = getattr(result, "scores", result)
+    out = {k: float(v) for k, v in dict(scores).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if hasattr(result, "main_score"):
+        out["main_score"] = float(result.main_score)
+    return out
 
 
 def _peak_memory_mb(device: torch.device) -> float:
