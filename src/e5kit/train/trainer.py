@@ -81,10 +81,10 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         off += n
 
 
-def _mean_over_processes(values: list[float], world: int) -> list[float]:
+def _mean_over_processes(values: list[float], world: int, device: torch.device) -> list[float]:
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return (t / world).tolist()
 
@@ -325,7 +325,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 kl = float(out.kl) if out.kl is not None else 0.0
                 loss, infonce, kl, acc = _mean_over_processes(
-                    [out.loss.item(), out.infonce.item(), kl, out.accuracy], self.world)
+                    [out.loss.item(), out.infonce.item(), kl, out.accuracy], self.world, self.device)
                 row = {"step": self.step, "epoch": (self.step - 1) // self.schedule.steps_per_epoch, "loss": loss,
                        "infonce": infonce, "accuracy": acc, "lr": lr, "grad_norm": grad_norm,
                        "examples_per_s": cfg.batch_size * self.world / dt, "step_s": dt,
@@ -348,7 +348,7 @@ class Trainer:
                     self.save(self.output_dir / f"checkpoint-{self.step}")
                     self._rotate()
             self.save(self.output_dir, with_state=False)
-            if cfg.eval_data and cfg.eval_every:
+            if cfg.eval_data and cfg.eval_every and self.step % cfg.eval_every:  # the final weights, unless just done
                 self._evaluate(metrics_f, tb)
         finally:
             if bar is not None:
