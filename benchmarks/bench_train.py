@@ -110,8 +110,8 @@ steps = []
 for s in range(len(rows) // batch):
     b = rows[s * batch:(s + 1) * batch]
     t = time.perf_counter()
-    feats = [m.tokenize(["query: " + r["query"] for r in b]), m.tokenize(["passage: " + text(r["positive"]) for r in b]),
-             m.tokenize(["passage: " + text(r["negatives"][0]) for r in b])]
+    feats = [m.preprocess(["query: " + r["query"] for r in b]), m.preprocess(["passage: " + text(r["positive"]) for r in b]),
+             m.preprocess(["passage: " + text(r["negatives"][0]) for r in b])]
     l = loss(feats, None)
     l.backward()
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -124,9 +124,9 @@ print(json.dumps({"steps": steps, "peak_rss_mb": resource.getrusage(resource.RUS
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/e5kit-bench-train")
-    ap.add_argument("--train-examples", type=int, default=512, help="mined examples trained on (0 = all)")
+    ap.add_argument("--train-examples", type=int, default=0, help="mined examples trained on (0 = all)")
     ap.add_argument("--eval-docs", type=int, default=1000, help="evaluation corpus size (0 = all 5,183)")
-    ap.add_argument("--mine-docs", type=int, default=1500, help="mining corpus size (0 = all)")
+    ap.add_argument("--mine-docs", type=int, default=0, help="mining corpus size (0 = all)")
     ap.add_argument("--passage-len", type=int, default=64, help="token limit for training and mining")
     ap.add_argument("--eval-len", type=int, default=128, help="token limit for evaluation")
     ap.add_argument("--batch", type=int, default=256)
@@ -187,7 +187,7 @@ def main() -> None:
     if not a.skip_st:
         dt, text = sh([py, "-c", ST_SCRIPT, str(model), str(train_file), str(a.batch), str(a.chunk), str(a.passage_len),
                        str(a.lr), str(a.threads), "0"])
-        st = json.loads(text.strip().splitlines()[-1])
+        st = json.loads(next(ln for ln in text.splitlines() if ln.startswith('{"steps"')))
         st_s = sum(s["step_s"] for s in st["steps"])
         res["st"] = {"wall_s": dt, "train_s": st_s, "steps": len(st["steps"]), "examples_per_s": n_train / st_s,
                      "peak_rss_mb": st["peak_rss_mb"], "losses": [s["loss"] for s in st["steps"]]}

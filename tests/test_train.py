@@ -323,3 +323,22 @@ def test_eval_during_training_runs_or_is_skipped_cleanly(tiny_bert, tmp_path, ca
         assert evals == [] and "skipping evaluation" in caplog.text
     else:
         assert [r["step"] for r in evals] == [1, 2] and all(0 <= r["eval/main_score"] <= 1 for r in evals)
+
+
+def test_first_step_loss_equals_sentence_transformers_mnrl(tiny_mlsmall, tmp_path):
+    """InfoNCE at tau = 0.01 over in-batch + hard negatives is sentence-transformers'
+    MultipleNegativesRankingLoss with scale 100 on (query, positive, negative) triplets."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    data = write_data(tmp_path / "d.jsonl", 8, negatives=1, seed=4)
+    res = train(_cfg(tiny_mlsmall, data, tmp_path / "o", negatives=1, batch_size=8, max_steps=1, shuffle=False,
+                     dropout=0.0, query_max_length=64, passage_max_length=64))
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    st = SentenceTransformer(str(tiny_mlsmall), device="cpu").eval()  # mean pooling; MNRL's cos_sim normalises
+    st.max_seq_length = 64
+    feats = [st.preprocess([p + r[k] if isinstance(k, str) else p + r["negatives"][0] for r in rows])
+             for p, k in (("query: ", "query"), ("passage: ", "positive"), ("passage: ", 0))]
+    with torch.no_grad():
+        ref = MultipleNegativesRankingLoss(st, scale=100.0)(feats, None).item()
+    assert res.history[0]["loss"] == pytest.approx(ref, abs=1e-5)
