@@ -161,7 +161,12 @@ class Trainer:
             self.resume_dir = latest_checkpoint(self.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
             if cfg.resume != "auto" and not (self.resume_dir / STATE_FILE).exists():
                 raise FileNotFoundError(f"{self.resume_dir} holds no {STATE_FILE}; give a checkpoint-N directory")
+            if self.resume_dir is None:
+                log.info("no checkpoint-N in %s to resume from; starting a new run", self.output_dir)
 
+        # data first: a file that does not parse stops the run before any model is loaded
+        self.examples: list[Example] = load_examples(cfg.data, cfg.skip_bad_lines, cfg.negatives, cfg.distill)
+        self.distill = self.examples[0].teacher_scores is not None
         # the base checkpoint gives config and tokenizer; a resumed run takes its weights from the checkpoint
         self.base = load_checkpoint(cfg.model, prompt_style=cfg.prompt_style)
         self.prompt_style = self.base.spec.prompt_style
@@ -178,8 +183,6 @@ class Trainer:
         self.q_tok = load_tokenizer(self.base.path, min(cfg.query_max_length, max_tok))
         self.p_tok = load_tokenizer(self.base.path, min(cfg.passage_max_length, max_tok))
 
-        self.examples: list[Example] = load_examples(cfg.data, cfg.skip_bad_lines, cfg.negatives, cfg.distill)
-        self.distill = self.examples[0].teacher_scores is not None
         global_batch = cfg.batch_size * self.world
         self.schedule = Schedule(len(self.examples), global_batch, cfg.seed, cfg.shuffle)
         self.total_steps = cfg.max_steps or cfg.epochs * self.schedule.steps_per_epoch
