@@ -342,3 +342,25 @@ def test_first_step_loss_equals_sentence_transformers_mnrl(tiny_mlsmall, tmp_pat
     with torch.no_grad():
         ref = MultipleNegativesRankingLoss(st, scale=100.0)(feats, None).item()
     assert res.history[0]["loss"] == pytest.approx(ref, abs=1e-5)
+
+
+def test_mine_pairs_from_a_text_corpus(tiny_bert, tmp_path):
+    from e5kit import E5
+
+    pairs = write_data(tmp_path / "pairs.jsonl", 5, negatives=0, seed=8)
+    rng = random.Random(9)
+    corpus = [" ".join(rng.choices(TOPIC, k=7)) for _ in range(25)]
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()]
+    corpus += [r["positive"] for r in rows]  # positives sit in the corpus and must never come back as negatives
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    out = tmp_path / "mined.jsonl"
+    r = CliRunner().invoke(_main(), ["mine", "--input", str(pairs), "--corpus", str(tmp_path / "corpus.txt"), "-o",
+                                     str(out), "-n", "3", "--skip-top", "0", "--model", str(tiny_bert)])
+    assert r.exit_code == 0, r.output
+    mined = [json.loads(x) for x in out.read_text().splitlines()]
+    m = E5(str(tiny_bert))
+    cv = m.encode_passages(corpus)
+    for row, src in zip(mined, rows):
+        assert row["query"] == src["query"] and row["positive"] == src["positive"]
+        order = [corpus[j] for j in np.argsort(-(cv @ m.encode_queries([src["query"]])[0]), kind="stable")]
+        assert row["negatives"] == [t for t in order if t != src["positive"]][:3]
