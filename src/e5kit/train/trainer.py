@@ -307,7 +307,9 @@ class Trainer:
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        metrics_f = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+        # a resumed run appends to its log; a new run starts one
+        mode = "a" if self.resume_dir is not None else "w"
+        metrics_f = open(self.output_dir / "metrics.jsonl", mode, encoding="utf-8") if main else None
         tb = self._tensorboard() if main and cfg.tensorboard else None
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         bar = None
