@@ -12,9 +12,12 @@ from pathlib import Path
 import torch
 
 from ..encoder import Encoder
-from ..loading import METADATA_FILE, read_json, write_metadata
+from ..loading import read_json, write_metadata
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# tokenizer and sentence-transformers files carried over from the source checkpoint
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                "sentencepiece.bpe.model", "added_tokens.json", "modules.json", "sentence_bert_config.json",
+                "config_sentence_transformers.json")
 ARCHITECTURES = {"bert": "BertModel", "xlm-roberta": "XLMRobertaModel"}
 
 
@@ -46,11 +49,9 @@ def save_model(encoder: Encoder, source: Path, out: Path, prompt_style: str, bas
     out.mkdir(parents=True, exist_ok=True)
     if source.resolve() != out.resolve():
         for f in source.iterdir():
-            if f.name in WEIGHT_FILES or f.name.startswith("model-") or f.name in (METADATA_FILE, "README.md"):
-                continue
-            if f.is_file():
+            if f.is_file() and f.name in COPIED_FILES:
                 shutil.copy2(f, out / f.name)
-            elif f.is_dir() and f.name[:1].isdigit() and "_" in f.name:  # sentence-transformers modules
+            elif f.is_dir() and f.name[:1].isdigit() and "_" in f.name:  # sentence-transformers modules (1_Pooling)
                 shutil.copytree(f, out / f.name, dirs_exist_ok=True)
     config = read_json(source / "config.json")
     config["architectures"] = [ARCHITECTURES[encoder.cfg.model_type]]
