@@ -55,3 +55,44 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_bert, tmp_path):
     # without gathering, each process sees only its own negatives: a different (smaller-batch) loss
     two_local = _run(2, cfg, tmp_path / "two-local", 4, ["--no-gather", "--max-steps", "1"])
     assert abs(two_local[0]["loss"] - one[0]["loss"]) > 1e-3
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_resume_matches_uninterrupted(tiny_bert, tmp_path):
+    import signal
+    import time
+
+    from e5kit.train import TrainConfig, train
+
+    data = write_data(tmp_path / "d.jsonl", 16, negatives=1, seed=2)
+    opts = dict(data=str(data), model=str(tiny_bert), batch_size=4, negatives=1, epochs=40, lr=1e-4, threads=1,
+                progress=False, query_max_length=32, passage_max_length=32)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "e5kit", "train", "--output-dir", str(out)]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        cmd += [flag if v is not False else "--no-" + k.replace("_", "-")] + ([] if isinstance(v, bool) else [str(v)])
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    log = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, log
+    ckpts = list(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and not (out / "model.safetensors").exists(), log
+    stopped = int(ckpts[0].name.split("-")[1])
+    assert 3 <= stopped < 160
+    resumed = train(TrainConfig(**opts, output_dir=str(out), resume="auto"))
+    assert resumed.steps == 160 and resumed.history[0]["step"] == stopped + 1
+    full = train(TrainConfig(**opts, output_dir=str(tmp_path / "full")))
+    steps = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 161))  # one log across the stop
+    for a, b in zip(full.history, steps):
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+    w1, w2 = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=0, msg=k)

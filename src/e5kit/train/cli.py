@@ -62,6 +62,9 @@ def train(config, **flags):
         result = run(cfg)
     except (DataError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
+    if result.interrupted:
+        click.echo(f"stopped at step {result.steps}; continue with the same command plus --resume auto", err=True)
+        sys.exit(130)
     if not result.history:
         click.echo(f"nothing to do: {cfg.output_dir} already reached step {result.steps}", err=True)
     else:

@@ -19,7 +19,9 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ class TrainResult:
     output_dir: Path
     steps: int
     history: list[dict] = field(default_factory=list)  # the metrics rows this process logged
+    interrupted: bool = False  # stopped early by SIGINT/SIGTERM, with a checkpoint to resume from
 
 
 # ---- distributed helpers --------------------------------------------------------------------
@@ -92,6 +95,30 @@ def _mean_over_processes(values: list[float], world: int, device: torch.device) 
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM ask the run to stop after the current step (with a checkpoint); a second
+    signal falls through to the default behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.uninstall()
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
 
 
 # ---- RNG --------------------------------------------------------------------------------------
@@ -322,15 +349,18 @@ class Trainer:
                      cfg.model, len(self.examples), self.total_steps, cfg.batch_size * self.world, 1 + cfg.negatives,
                      self.world, f", GradCache chunks of {cfg.chunk_size}" if cfg.chunk_size else "")
         t_start = time.perf_counter()
+        stop, interrupted = _StopRequest(), False
         try:
+            stop.install()
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 lr = self.scheduler.get_last_lr()[0]
                 out, grad_norm = self.train_step()
                 dt = time.perf_counter() - t0
                 kl = float(out.kl) if out.kl is not None else 0.0
-                loss, infonce, kl, acc = _mean_over_processes(
-                    [out.loss.item(), out.infonce.item(), kl, out.accuracy], self.world, self.device)
+                loss, infonce, kl, acc, stop_requested = _mean_over_processes(
+                    [out.loss.item(), out.infonce.item(), kl, out.accuracy, float(stop.requested)], self.world,
+                    self.device)
                 row = {"step": self.step, "epoch": (self.step - 1) // self.schedule.steps_per_epoch, "loss": loss,
                        "infonce": infonce, "accuracy": acc, "lr": lr, "grad_norm": grad_norm,
                        "examples_per_s": cfg.batch_size * self.world / dt, "step_s": dt,
@@ -352,10 +382,18 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save(self.output_dir / f"checkpoint-{self.step}")
                     self._rotate()
-            self.save(self.output_dir, with_state=False)
-            if cfg.eval_data and cfg.eval_every and self.step % cfg.eval_every:  # the final weights, unless just done
-                self._evaluate(metrics_f, tb)
+                if stop_requested > 0 and self.step < self.total_steps:  # every process sees it at the same step
+                    ck = self.save(self.output_dir / f"checkpoint-{self.step}")
+                    log.warning("stopped at step %d of %d; %s holds the run: continue it with --resume auto",
+                                self.step, self.total_steps, ck)
+                    interrupted = True
+                    break
+            if not interrupted:
+                self.save(self.output_dir, with_state=False)
+                if cfg.eval_data and cfg.eval_every and self.step % cfg.eval_every:  # final weights, unless just done
+                    self._evaluate(metrics_f, tb)
         finally:
+            stop.uninstall()
             if bar is not None:
                 bar.close()
             if metrics_f is not None:
@@ -364,7 +402,7 @@ class Trainer:
                 tb.close()
             if self._owns_group:
                 dist.destroy_process_group()
-        return TrainResult(self.output_dir, self.step, history)
+        return TrainResult(self.output_dir, self.step, history, interrupted)
 
     def _tensorboard(self):
         try:
