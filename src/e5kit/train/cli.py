@@ -50,6 +50,9 @@ def train(config, **flags):
     """
     import logging
 
+    import yaml
+
+    from ..loading import E5LoadError
     from .data import DataError
     from .trainer import train as run
 
@@ -60,7 +63,7 @@ def train(config, **flags):
             if v is not None:
                 setattr(cfg, k, v)
         result = run(cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, FileNotFoundError, E5LoadError, yaml.YAMLError) as e:
         raise click.ClickException(str(e))
     if result.interrupted:
         click.echo(f"stopped at step {result.steps}; continue with the same command plus --resume auto", err=True)
