@@ -288,15 +288,18 @@ def mean_pool(hidden: torch.Tensor, p: Packed) -> torch.Tensor:
     return out / p.lengths[:, None].to(out.dtype)
 
 
-def embed_batch(model: "Encoder", seqs: list[list[int]], device: torch.device | str | None = None,
-                normalize: bool = True) -> torch.Tensor:
+def embed_batch(model: nn.Module, seqs: list[list[int]], device: torch.device | str | None = None,
+                normalize: bool = True, position_offset: int | None = None) -> torch.Tensor:
     """Token ids -> mean-pooled (optionally L2-normalised) float32 vectors for one batch.
 
     Differentiable: the engine calls it under ``inference_mode``, training calls it with autograd on.
+    ``model`` maps a :class:`Packed` batch to per-token states (an :class:`Encoder` or a stand-in).
     """
     if device is None:
-        device = model.embeddings.word.weight.device
-    packed = Packed.from_ids([list(s) for s in seqs], model.cfg.position_offset, device)
+        device = next(model.parameters()).device
+    if position_offset is None:
+        position_offset = model.cfg.position_offset
+    packed = Packed.from_ids([list(s) for s in seqs], position_offset, device)
     pooled = mean_pool(model(packed), packed)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
 

@@ -164,7 +164,7 @@ class Engine:
     @torch.inference_mode()
     def forward(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> torch.Tensor:
         """One batch: mean-pooled (and optionally L2-normalised) float32 vectors, on the device."""
-        return embed_batch(self.model, seqs, self.device, normalize)
+        return embed_batch(self.model, seqs, self.device, normalize, self.config.position_offset)
 
     def embed_ids(
         self,
