@@ -53,6 +53,13 @@ class E5:
         self.backend = backend
         self.last_truncated: list[int] = []
 
+    @classmethod
+    def from_engine(cls, engine: Engine, backend: str = "torch") -> "E5":
+        """An E5 over an existing engine (e.g. one wrapping weights in training), without reloading."""
+        self = cls.__new__(cls)
+        self.engine, self.spec, self.backend, self.last_truncated = engine, engine.spec, backend, []
+        return self
+
     # ---- properties -----------------------------------------------------------------------
 
     @property

@@ -41,6 +41,8 @@ class EncoderConfig:
     hidden_act: str = "gelu"
     pad_token_id: int = 0
     model_type: str = "bert"
+    hidden_dropout: float = 0.0  # applied only in training mode (inference never drops)
+    attention_dropout: float = 0.0
 
     @property
     def position_offset(self) -> int:
@@ -74,6 +76,8 @@ class EncoderConfig:
             hidden_act=act,
             pad_token_id=cfg.get("pad_token_id", 0 if model_type == "bert" else 1),
             model_type=model_type,
+            hidden_dropout=float(cfg.get("hidden_dropout_prob", 0.0) or 0.0),
+            attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.0) or 0.0),
         )
 
 
@@ -135,11 +139,12 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = cfg.hidden_dropout
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # E5 embeds single segments: token type 0 everywhere.
         x = self.word(input_ids) + self.position(positions) + self.token_type.weight[0]
-        return self.norm(x)
+        return F.dropout(self.norm(x), self.dropout, self.training)
 
 
 class Layer(nn.Module):
@@ -156,12 +161,14 @@ class Layer(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.dropout, self.attn_dropout = cfg.hidden_dropout, cfg.attention_dropout
 
     def attention(self, qkv: torch.Tensor, p: Packed, mask: torch.Tensor | None) -> torch.Tensor:
         T, H = qkv.shape[0], qkv.shape[1] // 3
         nh, hd = self.num_heads, self.head_dim
+        drop = self.attn_dropout if self.training else 0.0
         if flash_attn_varlen_qkvpacked_func is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
-            out = flash_attn_varlen_qkvpacked_func(qkv.view(T, 3, nh, hd), p.cu_seqlens, p.max_len)
+            out = flash_attn_varlen_qkvpacked_func(qkv.view(T, 3, nh, hd), p.cu_seqlens, p.max_len, dropout_p=drop)
             return out.reshape(T, H)
         B, L = p.batch_size, p.max_len
         if mask is None:  # all sequences have the same length: the packed rows already form the block
@@ -171,13 +178,14 @@ class Layer(nn.Module):
             block[p.pad_index] = qkv
             block = block.view(B, L, 3, nh, hd)
         q, k, v = block.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hd)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         ctx = ctx.transpose(1, 2).reshape(B * L, H)
         return ctx if mask is None else ctx[p.pad_index]
 
     def forward(self, x: torch.Tensor, p: Packed, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_out(self.attention(self.qkv(x), p, mask)))
-        return self.ffn_norm(x + self.fc2(self.act(self.fc1(x))))
+        d, t = self.dropout, self.training
+        x = self.attn_norm(x + F.dropout(self.attn_out(self.attention(self.qkv(x), p, mask)), d, t))
+        return self.ffn_norm(x + F.dropout(self.fc2(self.act(self.fc1(x))), d, t))
 
 
 class Encoder(nn.Module):
@@ -272,10 +280,28 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def mean_pool(hidden: torch.Tensor, p: Packed) -> torch.Tensor:
-    """Mean of each sequence's token states (the E5 model cards' ``average_pool``), in fp32."""
-    out = torch.zeros(p.batch_size, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    out.index_add_(0, p.seq_index, hidden.float())
+    """Mean of each sequence's token states (the E5 model cards' ``average_pool``), in fp32
+    (fp64 for an fp64 model)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(p.batch_size, hidden.shape[1], dtype=dtype, device=hidden.device)
+    out.index_add_(0, p.seq_index, hidden.to(dtype))
     return out / p.lengths[:, None].to(out.dtype)
+
+
+def embed_batch(model: nn.Module, seqs: list[list[int]], device: torch.device | str | None = None,
+                normalize: bool = True, position_offset: int | None = None) -> torch.Tensor:
+    """Token ids -> mean-pooled (optionally L2-normalised) float32 vectors for one batch.
+
+    Differentiable: the engine calls it under ``inference_mode``, training calls it with autograd on.
+    ``model`` maps a :class:`Packed` batch to per-token states (an :class:`Encoder` or a stand-in).
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    if position_offset is None:
+        position_offset = model.cfg.position_offset
+    packed = Packed.from_ids([list(s) for s in seqs], position_offset, device)
+    pooled = mean_pool(model(packed), packed)
+    return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
 
 def flops_per_token(cfg: EncoderConfig, seq_len: int) -> float:
@@ -285,4 +311,4 @@ def flops_per_token(cfg: EncoderConfig, seq_len: int) -> float:
     return cfg.num_layers * per_layer
 
 
-__all__ = ["EncoderConfig", "Encoder", "Packed", "mean_pool", "flops_per_token"]
+__all__ = ["EncoderConfig", "Encoder", "Packed", "mean_pool", "embed_batch", "flops_per_token"]

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from .encoder import Encoder, Packed, mean_pool
+from .encoder import Encoder, embed_batch
 from .loading import Checkpoint, load_encoder, load_tokenizer
 
 log = logging.getLogger("e5kit")
@@ -165,10 +164,7 @@ class Engine:
     @torch.inference_mode()
     def forward(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> torch.Tensor:
         """One batch: mean-pooled (and optionally L2-normalised) float32 vectors, on the device."""
-        packed = Packed.from_ids([list(s) for s in seqs], self.config.position_offset, self.device)
-        hidden = self.model(packed)
-        pooled = mean_pool(hidden, packed)
-        return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+        return embed_batch(self.model, seqs, self.device, normalize, self.config.position_offset)
 
     def embed_ids(
         self,

@@ -1,0 +1,182 @@
+"""Hard-negative mining and the consistency filter.
+
+Both embed texts with a model (E5 prefixes by its prompt style) and rank passages by exact
+inner-product search (embeddings are normalised, so cosine).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..loading import load_tokenizer
+from ..prompts import beir_document
+
+
+def embed_texts(model, texts: Sequence[str], input_type: str, max_length: int | None = None,
+                batch_size: int = 64, task: str | None = None, progress: bool | None = None) -> torch.Tensor:
+    """(n, dim) normalised float32 embeddings of ``texts`` with the model's prefixes, cut at
+    ``max_length`` tokens (default: the model's limit). ``model`` is an :class:`e5kit.E5`."""
+    formatted = model.format(list(texts), input_type, task)
+    if max_length is None or max_length >= model.max_tokens:
+        ids = model.engine.tokenize(formatted).ids
+    else:
+        tok = load_tokenizer(model.engine.checkpoint.path, max_length)
+        ids = [e.ids for e in tok.encode_batch(formatted)]
+    return model.engine.embed_ids(ids, batch_size=batch_size, progress=progress)
+
+
+def exact_search(queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` (scores, indices) of ``corpus`` rows for each query by inner product, exactly,
+    a chunk of queries at a time (memory: chunk x corpus scores)."""
+    k = min(k, corpus.shape[0])
+    scores, idx = [], []
+    for i in range(0, queries.shape[0], chunk):
+        s, j = torch.topk(queries[i:i + chunk] @ corpus.T, k, dim=1)
+        scores.append(s)
+        idx.append(j)
+    if not scores:
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+    return torch.cat(scores), torch.cat(idx)
+
+
+def pick_mined(ranked: Sequence[int], positives: set[int], n: int, skip_top: int) -> list[int]:
+    """The first ``n`` non-positive corpus indices of a ranking after skipping ``skip_top`` ranks
+    (the top ranks are often unlabelled positives)."""
+    out = []
+    for j in list(ranked)[skip_top:]:
+        if j not in positives:
+            out.append(j)
+            if len(out) == n:
+                break
+    return out
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+@dataclass
+class BeirSplit:
+    doc_ids: list[str]
+    docs: list[str]  # "title text", as E5 embeds BEIR documents (prefix added later)
+    titles: list[str]
+    texts: list[str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(root: str | Path, split: str) -> BeirSplit:
+    """A BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+    root = Path(root)
+    for f in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
+        if not (root / f).exists():
+            raise FileNotFoundError(f"{root / f} is missing; expected a BEIR directory (corpus.jsonl, queries.jsonl, qrels/)")
+    doc_ids, docs, titles, texts = [], [], [], []
+    with open(root / "corpus.jsonl", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                    doc_ids.append(str(d["_id"]))
+                    titles.append(d.get("title") or "")
+                    texts.append(d.get("text") or "")
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{root / 'corpus.jsonl'}:{n}: bad corpus line ({e})") from e
+                docs.append(beir_document(titles[-1], texts[-1]))
+    queries = {}
+    with open(root / "queries.jsonl", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                    queries[str(d["_id"])] = d["text"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{root / 'queries.jsonl'}:{n}: bad query line ({e})") from e
+    qrels: dict[str, dict[str, int]] = {}
+    with open(root / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t")
+        for n, row in enumerate(rows, 1):
+            if n == 1 and row and not row[-1].lstrip("-").isdigit():
+                continue  # header
+            if len(row) < 3:
+                continue
+            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+    return BeirSplit(doc_ids, docs, titles, texts, queries, qrels)
+
+
+def mine_beir(model, root: str | Path, split: str, negatives: int, skip_top: int, max_length: int | None,
+              batch_size: int, task: str | None = None, progress: bool | None = None) -> list[dict]:
+    """Training examples for every relevant (query, document) pair of a BEIR split, with mined negatives."""
+    b = load_beir(root, split)
+    pos_of = {d: i for i, d in enumerate(b.doc_ids)}
+    pairs = [(q, d) for q, rel in b.qrels.items() if q in b.queries for d, s in rel.items() if s > 0 and d in pos_of]
+    if not pairs:
+        raise ValueError(f"no relevant (query, document) pairs in {root}/qrels/{split}.tsv that match the corpus and queries")
+    qids = list(dict.fromkeys(q for q, _ in pairs))
+    corpus = embed_texts(model, b.docs, "passage", max_length, batch_size, task, progress)
+    qemb = embed_texts(model, [b.queries[q] for q in qids], "query", max_length, batch_size, task, progress)
+    _, ranked = exact_search(qemb, corpus, skip_top + negatives + 1 + max(len(b.qrels[q]) for q in qids))
+    rank_of = {q: ranked[i].tolist() for i, q in enumerate(qids)}
+    out = []
+    for q, d in pairs:
+        positives = {pos_of[x] for x, s in b.qrels[q].items() if s > 0 and x in pos_of}
+        neg = pick_mined(rank_of[q], positives, negatives, skip_top)
+        doc = lambda j: {"title": b.titles[j], "text": b.texts[j]}  # noqa: E731
+        out.append({"query": b.queries[q], "positive": doc(pos_of[d]), "negatives": [doc(j) for j in neg],
+                    "query_id": q, "positive_id": d, "negative_ids": [b.doc_ids[j] for j in neg]})
+    return out
+
+
+def mine_pairs(model, examples: list[dict], corpus_texts: list[str] | None, negatives: int, skip_top: int,
+               max_length: int | None, batch_size: int, task: str | None = None,
+               progress: bool | None = None) -> list[dict]:
+    """Mined negatives for (query, positive) examples from ``corpus_texts`` (default: every
+    example's positive). Passages equal to one of the query's positives are never negatives."""
+    from .data import passage_text
+
+    positives_text = [passage_text(e["positive"], "'positive'") for e in examples]
+    pool = list(dict.fromkeys(corpus_texts if corpus_texts is not None else positives_text))
+    index = {t: i for i, t in enumerate(pool)}
+    by_query: dict[str, set[int]] = {}
+    for e, p in zip(examples, positives_text):
+        if p in index:
+            by_query.setdefault(e["query"], set()).add(index[p])
+    corpus = embed_texts(model, pool, "passage", max_length, batch_size, task, progress)
+    queries = list(dict.fromkeys(e["query"] for e in examples))
+    qemb = embed_texts(model, queries, "query", max_length, batch_size, task, progress)
+    extra = max((len(v) for v in by_query.values()), default=0)
+    _, ranked = exact_search(qemb, corpus, skip_top + negatives + extra)
+    rank_of = {q: ranked[i].tolist() for i, q in enumerate(queries)}
+    out = []
+    for e in examples:
+        neg = pick_mined(rank_of[e["query"]], by_query.get(e["query"], set()), negatives, skip_top)
+        out.append({**e, "negatives": [pool[j] for j in neg]})
+    return out
+
+
+def consistency_filter(model, queries: list[str], passages: list[str], top_k: int = 2, sample: int = 1000,
+                       seed: int = 0, max_length: int | None = None, batch_size: int = 64, task: str | None = None,
+                       progress: bool | None = None) -> list[bool]:
+    """E5's consistency filter: keep pair i when its passage ranks within ``top_k`` for its query
+    among itself plus ``sample`` passages drawn from the other pairs. Returns a keep flag per pair."""
+    pool = list(dict.fromkeys(passages))
+    index = {t: i for i, t in enumerate(pool)}
+    pemb = embed_texts(model, pool, "passage", max_length, batch_size, task, progress)
+    qemb = embed_texts(model, queries, "query", max_length, batch_size, task, progress)
+    rng = random.Random(seed)
+    keep = []
+    for i, q in enumerate(qemb):
+        own = index[passages[i]]
+        others = [j for j in rng.sample(range(len(pool)), min(len(pool), sample + 1)) if j != own][:sample]
+        own_score = float(q @ pemb[own])
+        higher = int((pemb[others] @ q > own_score).sum()) if others else 0
+        keep.append(higher < top_k)
+    return keep
+
+
+__all__ = ["embed_texts", "exact_search", "pick_mined", "load_beir", "mine_beir", "mine_pairs", "consistency_filter"]
