@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import E5, PRECISIONS, quantize_embeddings
+from ..api import E5, quantize_embeddings
 from ..engine import InputTooLongError, Tokenized
 from ..prompts import format_texts
 from .auth import KeyStore
