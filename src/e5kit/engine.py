@@ -167,7 +167,7 @@ class Engine:
     @property
     def cpu_batch_tokens(self) -> int:
         """The token budget per batch on CPU (tokens x intermediate size kept cache-sized)."""
-        return max(512, CPU_ACTIVATION_BYTES // (4 * self.config.intermediate_size))
+        return min(8192, max(512, CPU_ACTIVATION_BYTES // (4 * self.config.intermediate_size)))
 
     @property
     def dim(self) -> int:
