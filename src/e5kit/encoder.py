@@ -260,7 +260,9 @@ class Encoder(nn.Module):
         for k, v in ours.items():
             if tuple(v.shape) != tuple(expected[k].shape):
                 raise ValueError(f"weight {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}")
-        self.load_state_dict(ours, strict=True)
+        # A module built on the meta device (see loading.load_encoder) takes the tensors as they are,
+        # so a checkpoint is held in memory once, not twice.
+        self.load_state_dict(ours, strict=True, assign=any(p.is_meta for p in self.parameters()))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under Hugging Face ``BertModel`` / ``XLMRobertaModel`` names."""
