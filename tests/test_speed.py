@@ -82,7 +82,7 @@ def test_int8_quality_guard_refuses(tiny_bert, monkeypatch):
     (dict(backend="onnx"), "backend must be one of"),
     (dict(backend="int8", dtype="bfloat16"), "int8 backend computes in int8"),
     (dict(backend="int8", device="cuda", dtype="float32"), "CPU only"),
-    (dict(threads=0), "threads must be a positive integer"),
+    (dict(threads=-1), "threads must be a positive integer"),
 ])
 def test_backend_errors(tiny_bert, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -33,7 +33,7 @@ class E5:
     ``device``: "cpu", "cuda", "cuda:1" or None (CUDA when available). ``dtype``: "float32",
     "float16", "bfloat16" or None (float32 on CPU, bf16/fp16 on CUDA). ``backend``: "auto" (the
     exact path for the device: fp32 on CPU, bf16/fp16 on CUDA), "torch" (the same, explicitly) or
-    "int8" (CPU only: int8 linear layers, about 2x faster, per-text cosine to fp32 >= 0.99; see
+    "int8" (CPU only: int8 linear layers, faster, per-text cosine to fp32 >= 0.99; see
     docs/speed.md). ``threads``: CPU threads (default: every core, or OMP_NUM_THREADS).
     ``prompt_style`` overrides the registry / metadata ("e5", "instruct" or "none").
     """

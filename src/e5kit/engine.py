@@ -129,7 +129,7 @@ class Engine:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
         self.backend = resolve_backend(backend, self.device, self.dtype)
-        if threads is not None:
+        if threads:  # None / 0: the default below
             if int(threads) < 1:
                 raise ValueError(f"threads must be a positive integer, not {threads!r}")
             torch.set_num_threads(int(threads))
