@@ -57,6 +57,8 @@ def test_int8_cosine_per_text(embedded):
     assert len(d32) >= 200  # issue 5: at least 200 SciFact texts
     cos_docs = (d32 * d8).sum(1)
     cos_queries = (q32 * q8).sum(1)
+    print(f"cosine int8 vs fp32: passages min {cos_docs.min():.4f} mean {cos_docs.mean():.4f}, "
+          f"queries min {cos_queries.min():.4f}")
     assert cos_docs.min() >= 0.99, f"worst passage cosine {cos_docs.min():.4f}"
     assert cos_queries.min() >= 0.99, f"worst query cosine {cos_queries.min():.4f}"
 
@@ -74,5 +76,6 @@ def _ndcg10(q: np.ndarray, d: np.ndarray, subset) -> float:
 def test_int8_scifact_ndcg_within_half_a_point(embedded, subset):
     fp32 = _ndcg10(*embedded["torch"], subset)
     int8 = _ndcg10(*embedded["int8"], subset)
+    print(f"SciFact subset nDCG@10: fp32 {fp32:.2f}, int8 {int8:.2f}")
     assert fp32 > 30, f"fp32 nDCG@10 {fp32:.2f}: the model should retrieve on this subset"
     assert abs(int8 - fp32) <= 0.5, f"nDCG@10 fp32 {fp32:.2f} vs int8 {int8:.2f}"
