@@ -36,7 +36,7 @@ def _onednn_linear_available() -> bool:
 
 
 # On CPU in fp32 inference, oneDNN's linear (with GELU fused into the first feed-forward layer)
-# computes the same sums as F.linear but ran ~1.5x faster on these shapes (BENCHMARKS.md).
+# computes the same sums as F.linear; per call it ran ~1.5x faster on these shapes (BENCHMARKS.md).
 ONEDNN_LINEAR = _onednn_linear_available()
 # hidden_act -> oneDNN post-op (attr, algorithm)
 _ONEDNN_ACT = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
