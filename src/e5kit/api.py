@@ -31,8 +31,11 @@ class E5:
     >>> model.similarity(q, p)                         # cosine x 100, as on the model card
 
     ``device``: "cpu", "cuda", "cuda:1" or None (CUDA when available). ``dtype``: "float32",
-    "float16", "bfloat16" or None (float32 on CPU, bf16/fp16 on CUDA). ``prompt_style`` overrides
-    the registry / metadata ("e5", "instruct" or "none").
+    "float16", "bfloat16" or None (float32 on CPU, bf16/fp16 on CUDA). ``backend``: "auto" (the
+    exact path for the device: fp32 on CPU, bf16/fp16 on CUDA), "torch" (the same, explicitly) or
+    "int8" (CPU only: int8 linear layers, faster, per-text cosine to fp32 >= 0.99; see
+    docs/speed.md). ``threads``: CPU threads (default: every core, or OMP_NUM_THREADS).
+    ``prompt_style`` overrides the registry / metadata ("e5", "instruct" or "none").
     """
 
     def __init__(
@@ -48,9 +51,8 @@ class E5:
         threads: int | None = None,
     ):
         checkpoint = load_checkpoint(model, revision=revision, prompt_style=prompt_style, cache_dir=cache_dir)
-        self.engine = Engine(checkpoint, device=device, dtype=dtype, threads=threads)
+        self.engine = Engine(checkpoint, device=device, dtype=dtype, threads=threads, backend=backend)
         self.spec = checkpoint.spec
-        self.backend = backend
         self.last_truncated: list[int] = []
 
     @classmethod
@@ -75,6 +77,11 @@ class E5:
         return self.spec.prompt_style
 
     @property
+    def backend(self) -> str:
+        """The backend in use: "torch" or "int8" ("auto" resolved)."""
+        return self.engine.backend
+
+    @property
     def max_tokens(self) -> int:
         return self.engine.max_tokens
 
@@ -87,7 +94,7 @@ class E5:
         return self.engine.dtype
 
     def __repr__(self) -> str:
-        return f"E5({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype}, prompt_style={self.prompt_style!r})"
+        return f"E5({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype}, backend={self.backend!r}, prompt_style={self.prompt_style!r})"
 
     # ---- encoding -------------------------------------------------------------------------
 

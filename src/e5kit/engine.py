@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from .encoder import Encoder, embed_batch
 from .loading import Checkpoint, load_encoder, load_tokenizer
+from .quant import MIN_COSINE, PROBE_TEXTS, Int8QualityError, quantize_linears
 
 log = logging.getLogger("e5kit")
 
@@ -61,6 +62,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+BACKENDS = ("auto", "torch", "int8")
+
+# On CPU a batch's activations should stay cache-sized: with bigger batches every linear layer
+# streams its (tokens x intermediate) output through memory and freshly mapped pages, which costs
+# more than the larger GEMMs save (measured in BENCHMARKS.md). Bytes of one FFN activation.
+CPU_ACTIVATION_BYTES = 12 * 2**20
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto`` -> ``torch`` (the exact path: fp32 on CPU, bf16/fp16 on CUDA); ``int8`` only on CPU in fp32."""
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"the int8 backend runs on CPU only; on {device} use backend='torch' (bf16/fp16)")
+        if dtype != torch.float32:
+            raise ValueError(f"the int8 backend computes in int8 + float32; drop dtype={dtype} or use backend='torch'")
+        return "int8"
+    return "torch"
+
+
 def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
     """Group input indices into batches, longest first.
 
@@ -94,21 +117,56 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         threads: int | None = None,
         encoder: Encoder | None = None,
+        backend: str | None = "auto",
     ):
         self.checkpoint = checkpoint
         self.spec = checkpoint.spec
         self.config = checkpoint.config
         self.max_tokens = self.spec.max_tokens
-        if threads:
-            torch.set_num_threads(int(threads))
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
+        self.backend = resolve_backend(backend, self.device, self.dtype)
+        if threads:  # None / 0: the default below
+            if int(threads) < 1:
+                raise ValueError(f"threads must be a positive integer, not {threads!r}")
+            torch.set_num_threads(int(threads))
+        elif self.device.type == "cpu" and torch.get_num_threads() != default_threads():
+            torch.set_num_threads(default_threads())  # every core we may run on, or OMP_NUM_THREADS
         self.tokenizer: Tokenizer = load_tokenizer(checkpoint.path, self.max_tokens)
         self._untruncated: Tokenizer | None = None
         model = encoder if encoder is not None else load_encoder(checkpoint.path, checkpoint.config)
         self.model: torch.nn.Module = model.to(self.device, self.dtype).eval()
+        self.int8_min_cosine: float | None = None
+        if self.backend == "int8":
+            self._quantize()
+
+    def _quantize(self) -> None:
+        """Swap in the int8 model, after checking it against fp32 on the probe texts."""
+        fp32 = self.model
+        ref: list[torch.Tensor] = []
+
+        def embed_with(model):
+            self.model = model
+            return self.embed_ids(self.tokenize(PROBE_TEXTS).ids)
+
+        try:  # one fp32 pass both calibrates the smoothed layers and gives the reference vectors
+            int8 = quantize_linears(fp32, calibrate=lambda model: ref.append(embed_with(model)))
+            cos = F.cosine_similarity(ref[0], embed_with(int8), dim=-1)
+        finally:
+            self.model = fp32
+        self.int8_min_cosine = float(cos.min())
+        if self.int8_min_cosine < MIN_COSINE:
+            raise Int8QualityError(
+                f"int8 quantization of {self.spec.name} is not accurate enough: per-text cosine to fp32 is "
+                f"{self.int8_min_cosine:.4f} (< {MIN_COSINE}) on the probe texts; use backend='torch'")
+        self.model = int8
+
+    @property
+    def cpu_batch_tokens(self) -> int:
+        """The token budget per batch on CPU (tokens x intermediate size kept cache-sized)."""
+        return min(8192, max(512, CPU_ACTIVATION_BYTES // (4 * self.config.intermediate_size)))
 
     @property
     def dim(self) -> int:
@@ -180,6 +238,8 @@ class Engine:
         out = torch.empty(n, self.dim, dtype=torch.float32)
         if n == 0:
             return out
+        if self.device.type == "cpu":
+            max_batch_tokens = min(max_batch_tokens, self.cpu_batch_tokens)
         batches = plan_batches([len(s) for s in seqs], batch_size, max_batch_tokens)
         if progress is None:
             progress = n >= 2048 and sys.stderr.isatty()
@@ -212,5 +272,5 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-__all__ = ["Engine", "Tokenized", "InputTooLongError", "plan_batches", "resolve_device", "resolve_dtype",
-           "default_threads"]
+__all__ = ["Engine", "Tokenized", "InputTooLongError", "Int8QualityError", "plan_batches", "resolve_device",
+           "resolve_dtype", "resolve_backend", "default_threads", "BACKENDS"]

@@ -154,7 +154,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_encoder(path: Path, config: EncoderConfig) -> Encoder:
     sd = load_state_dict(path)
-    encoder = Encoder(config)
+    with torch.device("meta"):  # no random init: the weights come from the checkpoint
+        encoder = Encoder(config)
     try:
         encoder.load_hf_state_dict(sd)
     except KeyError as e:

@@ -1,0 +1,81 @@
+"""The int8 backend on the real multilingual-e5-small (issue 5): per-text cosine to fp32 and
+SciFact retrieval quality (nDCG@10) against the fp32 path on the same subset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+
+from e5kit import E5
+
+N_QUERIES = 300  # all SciFact test queries, with all their relevant documents
+N_OTHERS = 100  # plus a fixed random sample of other documents
+
+
+@pytest.fixture(scope="module")
+def subset(scifact):
+    qrels: dict[str, dict[str, int]] = {}
+    with open(scifact / "qrels" / "test.tsv", encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    qids = sorted(qrels, key=int)[:N_QUERIES]
+    qrels = {q: qrels[q] for q in qids}
+    queries = {}
+    with open(scifact / "queries.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            if d["_id"] in qrels:
+                queries[d["_id"]] = d["text"]
+    corpus = {}
+    with open(scifact / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            corpus[d["_id"]] = f"{d.get('title', '')} {d['text']}".strip()
+    relevant = sorted({d for rel in qrels.values() for d in rel})
+    others = sorted(set(corpus) - set(relevant))
+    doc_ids = relevant + random.Random(0).sample(others, N_OTHERS)
+    return qids, [queries[q] for q in qids], doc_ids, [corpus[d] for d in doc_ids], qrels
+
+
+@pytest.fixture(scope="module")
+def embedded(ml_e5, subset):
+    _, queries, _, docs, _ = subset
+    out = {}
+    for backend in ("torch", "int8"):
+        model = E5(str(ml_e5), backend=backend)
+        assert model.backend == backend
+        out[backend] = (model.encode_queries(queries), model.encode_passages(docs))
+    return out
+
+
+def test_int8_cosine_per_text(embedded):
+    (q32, d32), (q8, d8) = embedded["torch"], embedded["int8"]
+    assert len(d32) >= 200  # issue 5: at least 200 SciFact texts
+    cos_docs = (d32 * d8).sum(1)
+    cos_queries = (q32 * q8).sum(1)
+    print(f"cosine int8 vs fp32: passages min {cos_docs.min():.4f} mean {cos_docs.mean():.4f}, "
+          f"queries min {cos_queries.min():.4f}")
+    assert cos_docs.min() >= 0.99, f"worst passage cosine {cos_docs.min():.4f}"
+    assert cos_queries.min() >= 0.99, f"worst query cosine {cos_queries.min():.4f}"
+
+
+def _ndcg10(q: np.ndarray, d: np.ndarray, subset) -> float:
+    import pytrec_eval
+
+    qids, _, doc_ids, _, qrels = subset
+    scores = q @ d.T
+    run = {qid: {doc_ids[j]: float(scores[i, j]) for j in np.argsort(-scores[i])[:100]} for i, qid in enumerate(qids)}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    return 100 * float(np.mean([v["ndcg_cut_10"] for v in per_query.values()]))
+
+
+def test_int8_scifact_ndcg_within_half_a_point(embedded, subset):
+    fp32 = _ndcg10(*embedded["torch"], subset)
+    int8 = _ndcg10(*embedded["int8"], subset)
+    print(f"SciFact subset nDCG@10: fp32 {fp32:.2f}, int8 {int8:.2f}")
+    assert fp32 > 30, f"fp32 nDCG@10 {fp32:.2f}: the model should retrieve on this subset"
+    assert abs(int8 - fp32) <= 0.5, f"nDCG@10 fp32 {fp32:.2f} vs int8 {int8:.2f}"

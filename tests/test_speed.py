@@ -1,0 +1,126 @@
+"""Backends, threads and CPU batch planning (issue 5), on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import e5kit.engine
+from e5kit import E5
+from e5kit.engine import plan_batches
+from e5kit.quant import Int8Linear, Int8QualityError
+from helpers import PARITY_TEXTS, reference_embed
+
+pytestmark = pytest.mark.filterwarnings("ignore::e5kit.api.TruncationWarning")
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TEXTS = [t for t in PARITY_TEXTS if t] + [f"passage: gene {i} " + "cell " * (i * 7) for i in range(20)]
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_auto_is_the_exact_torch_path(tiny_bert):
+    model = E5(str(tiny_bert))
+    assert model.backend == "torch" and model.dtype == torch.float32
+    ref = reference_embed(tiny_bert, TEXTS)
+    assert np.abs(model.encode(TEXTS) - ref).max() <= 1e-5
+    assert np.array_equal(E5(str(tiny_bert), backend="torch").encode(TEXTS), model.encode(TEXTS))
+
+
+def test_cpu_token_budget_caps_batches_and_keeps_parity(tiny_bert):
+    model = E5(str(tiny_bert))
+    engine = model.engine
+    cap = engine.cpu_batch_tokens
+    assert 512 <= cap <= 8192
+    # the budget the engine plans with on CPU: never more than cap tokens (count x longest) per batch
+    ids = engine.tokenize(TEXTS * 20).ids
+    for b in plan_batches([len(s) for s in ids], 1000, min(16384, cap)):
+        assert len(b) == 1 or len(b) * max(len(ids[i]) for i in b) <= cap
+    ref = reference_embed(tiny_bert, TEXTS * 20)
+    out = model.encode(TEXTS * 20, batch_size=1000, max_batch_tokens=16384)
+    assert np.abs(out - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["tiny_bert", "tiny_xlmr"])
+def test_int8_close_to_fp32_and_uses_int8_linears(kind, request):
+    path = request.getfixturevalue(kind)
+    fp32 = E5(str(path)).encode(TEXTS)
+    model = E5(str(path), backend="int8")
+    assert model.backend == "int8" and model.engine.int8_min_cosine >= 0.99
+    linears = [m for m in model.engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    int8 = [m for m in model.engine.model.modules() if isinstance(m, Int8Linear)]
+    assert not linears and len(int8) == 4 * model.engine.config.num_layers
+    assert sum(m.inv_smooth is not None for m in int8) == model.engine.config.num_layers  # fc2 smoothed
+    out = model.encode(TEXTS)
+    assert out.shape == fp32.shape and out.dtype == np.float32
+    assert (out * fp32).sum(1).min() >= 0.99
+    assert np.abs(out - fp32).max() > 0  # really a different (quantized) computation
+    # per-text results do not depend on batching
+    one = np.stack([model.encode([t])[0] for t in TEXTS[:5]])
+    assert (one * out[:5]).sum(1).min() >= 0.999
+
+
+def test_int8_quality_guard_refuses(tiny_bert, monkeypatch):
+    monkeypatch.setattr(e5kit.engine, "MIN_COSINE", 1.0 + 1e-3)  # no int8 model can reach this
+    with pytest.raises(Int8QualityError, match="not accurate enough.*backend='torch'"):
+        E5(str(tiny_bert), backend="int8")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(backend="onnx"), "backend must be one of"),
+    (dict(backend="int8", dtype="bfloat16"), "int8 backend computes in int8"),
+    (dict(backend="int8", device="cuda", dtype="float32"), "CPU only"),
+    (dict(threads=-1), "threads must be a positive integer"),
+])
+def test_backend_errors(tiny_bert, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        E5(str(tiny_bert), **kwargs)
+
+
+def test_threads_argument(tiny_bert, keep_threads):
+    E5(str(tiny_bert), threads=1)
+    assert torch.get_num_threads() == 1
+    E5(str(tiny_bert))  # no argument: every core we may use (or OMP_NUM_THREADS)
+    assert torch.get_num_threads() == e5kit.engine.default_threads()
+
+
+@pytest.mark.parametrize("omp", ["1", None])
+def test_omp_num_threads_respected(tiny_bert, omp):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp:
+        env["OMP_NUM_THREADS"] = omp
+    env["PYTHONPATH"] = SRC
+    code = (f"import torch; from e5kit import E5; E5({str(tiny_bert)!r}); "
+            "import os; print(torch.get_num_threads(), len(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got, cores = map(int, out.stdout.split()[-2:])
+    assert got == (int(omp) if omp else cores)
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=SRC)
+    return subprocess.run([sys.executable, "-m", "e5kit", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_cli_backend_option(tiny_bert):
+    out = _cli("embed", "-m", str(tiny_bert), "--backend", "int8", "--threads", "1", "how much protein", "summit")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line)["embedding"] for line in out.stdout.splitlines()]
+    fp32 = E5(str(tiny_bert)).encode_queries(["how much protein", "summit"])
+    assert (np.array(rows) * fp32).sum(1).min() >= 0.99
+    bad = _cli("embed", "-m", str(tiny_bert), "--backend", "onnx", "x")
+    assert bad.returncode != 0 and "backend must be one of" in bad.stderr and "Traceback" not in bad.stderr
