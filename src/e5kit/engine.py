@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from .encoder import Encoder, embed_batch

@@ -148,4 +148,4 @@ def quantize_linears(model: nn.Module, calibrate: Callable[[nn.Module], object] 
 
 
 __all__ = ["MIN_COSINE", "PROBE_TEXTS", "Int8QualityError", "Int8Linear", "int8_supported", "input_maxima",
-           "quantize_linears", "probe_cosines"]
+           "quantize_linears"]
