@@ -203,6 +203,7 @@ def build_index(
     }
     if (out / MANIFEST).exists() and not staging.exists() and not force:
         raise CorpusError(f"{out} already holds a finished index; pass --force to rebuild it")
+    n_docs = corpus.scan()  # a bad corpus fails here, before anything is written
     if staging.exists():
         try:
             old = json.loads((staging / "state.json").read_text(encoding="utf-8"))
@@ -222,7 +223,6 @@ def build_index(
     for tmp in staging.glob(".*.tmp"):  # a chunk being written when the last run died
         tmp.unlink()
 
-    n_docs = corpus.scan()
     n_chunks = (n_docs + chunk_size - 1) // chunk_size
     done = set()
     for p in staging.glob("part-*.npz"):
