@@ -53,6 +53,24 @@ def scifact_subset(tmp_path_factory, scifact) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_beir(tmp_path_factory, scifact_subset) -> Path:
+    """30 SciFact queries and 60 documents: enough for the CLI plumbing with a random tiny model."""
+    out = tmp_path_factory.mktemp("tiny") / "scifact"
+    (out / "qrels").mkdir(parents=True)
+    qrels_lines = (scifact_subset / "qrels" / "test.tsv").read_text().splitlines()
+    queries = [json.loads(x) for x in (scifact_subset / "queries.jsonl").read_text().splitlines()][:30]
+    keep_q = {q["_id"] for q in queries}
+    kept = [ln for ln in qrels_lines[1:] if ln.split("\t")[0] in keep_q]
+    (out / "qrels" / "test.tsv").write_text("\n".join(qrels_lines[:1] + kept) + "\n")
+    (out / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    rel = {ln.split("\t")[1] for ln in kept}
+    docs = [json.loads(x) for x in (scifact_subset / "corpus.jsonl").read_text().splitlines()]
+    docs = [d for d in docs if d["_id"] in rel] + [d for d in docs if d["_id"] not in rel][:60 - len(rel)]
+    (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return out
+
+
 def reference_retrieval(model_dir: Path, folder: Path) -> dict[str, float]:
     """The E5 model card recipe end to end: transformers embeddings, brute-force ranking, pytrec_eval."""
     data = load_beir(folder, "test")
@@ -126,10 +144,10 @@ def small_sets(tmp_path_factory) -> tuple[Path, Path]:
     return out / "stsbenchmark", clf
 
 
-def test_eval_cli_writes_mteb_results_and_report(tiny_mlsmall, scifact_subset, small_sets, tmp_path):
+def test_eval_cli_writes_mteb_results_and_report(tiny_mlsmall, tiny_beir, small_sets, tmp_path):
     sts, clf = small_sets
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["eval", "-m", str(tiny_mlsmall), "--beir", str(scifact_subset), "--sts", str(sts),
+    r = CliRunner().invoke(main, ["eval", "-m", str(tiny_mlsmall), "--beir", str(tiny_beir), "--sts", str(sts),
                                   "--classification", str(clf), "--ablate-prefix", "--n-experiments", "3",
                                   "-o", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -140,7 +158,7 @@ def test_eval_cli_writes_mteb_results_and_report(tiny_mlsmall, scifact_subset, s
     entry = sci["scores"]["test"][0]
     assert entry["main_score"] == entry["ndcg_at_10"] and entry["hf_subset"] == "default"
     # the numbers in the file are the API's numbers
-    api = evaluate_retrieval(E5(str(tiny_mlsmall)), scifact_subset)
+    api = evaluate_retrieval(E5(str(tiny_mlsmall)), tiny_beir)
     assert entry["ndcg_at_10"] == pytest.approx(api.scores["ndcg_at_10"], abs=1e-9)
     bank = json.loads((with_prefix / "Banking77Classification.json").read_text())["scores"]["test"][0]
     assert len(bank["scores_per_experiment"]) == 3 and 0 <= bank["full_train_accuracy"] <= 1
