@@ -606,16 +606,9 @@ class Index:
         return self.model
 
     def _prepare(self, x, what: str) -> np.ndarray:
-        try:
-            import torch
+        from .api import _as_2d
 
-            if isinstance(x, torch.Tensor):
-                x = x.detach().float().cpu().numpy()
-        except ImportError:  # pragma: no cover
-            pass
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None, :]
+        x = _as_2d(x)
         if x.ndim != 2:
             raise ValueError(f"{what} must be a 2-d array, got shape {x.shape}")
         if x.shape[1] != self.dim:

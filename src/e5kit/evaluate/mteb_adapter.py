@@ -126,13 +126,7 @@ class E5ForMTEB:
 
 
 def _unit(x) -> np.ndarray:
-    try:
-        import torch
+    from ..api import _as_2d
 
-        if isinstance(x, torch.Tensor):
-            x = x.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    x = np.asarray(x, dtype=np.float32)
-    x = x[None, :] if x.ndim == 1 else x
+    x = _as_2d(x)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -83,6 +83,15 @@ def load_results(run_dir: Path) -> tuple[str, dict, list[TaskRun]]:
 # ---- plots --------------------------------------------------------------------------------------
 
 
+def _by_task(runs_by_label: dict[str, list[TaskRun]]) -> dict[str, dict[str, TaskRun]]:
+    """{task: {run label: that run's result}}, tasks in first-seen order."""
+    tasks: dict[str, dict[str, TaskRun]] = {}
+    for label, runs in runs_by_label.items():
+        for r in runs:
+            tasks.setdefault(r.task_name, {})[label] = r
+    return tasks
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -101,11 +110,7 @@ def make_plots(runs_by_label: dict[str, list[TaskRun]]) -> list[tuple[str, str, 
     import numpy as np
 
     plots = []
-    tasks: dict[str, dict[str, TaskRun]] = {}
-    for label, runs in runs_by_label.items():
-        for r in runs:
-            tasks.setdefault(r.task_name, {})[label] = r
-    for task, by_label in tasks.items():
+    for task, by_label in _by_task(runs_by_label).items():
         ttype = next(iter(by_label.values())).task_type
         if ttype == "Retrieval" and any("per_query_ndcg_at_10" in r.details for r in by_label.values()):
             fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -148,11 +153,7 @@ def comparison_rows(runs_by_label: dict[str, list[TaskRun]]) -> tuple[list[str],
     """Header and rows: one row per (task, metric), one column per run; scores x 100."""
     labels = list(runs_by_label)
     rows = []
-    tasks: dict[str, dict[str, TaskRun]] = {}
-    for label, runs in runs_by_label.items():
-        for r in runs:
-            tasks.setdefault(r.task_name, {})[label] = r
-    for task, by_label in tasks.items():
+    for task, by_label in _by_task(runs_by_label).items():
         ttype = next(iter(by_label.values())).task_type
         for m in HEADLINE.get(ttype, ["main_score"]):
             if not any(m in r.scores for r in by_label.values()):
