@@ -58,10 +58,14 @@ def test_exact_equals_brute_force(data, chunk_rows):
     assert [h.id for h in hits] == ["doc-7", "doc-100", "doc-2000"]
 
 
-def test_chunked_topk_fewer_rows_than_k():
+def test_chunked_topk_fewer_rows_than_k_and_query_blocks(data):
     x = unit(np.random.default_rng(3).standard_normal((5, 8)))
     s, r = chunked_topk(x[:2], 5, 10, lambda q, a, b: q @ x[a:b].T, chunk_rows=2)
     assert r.shape == (2, 5) and sorted(r[0]) == list(range(5)) and r[0, 0] == 0
+    big, q, _ = data
+    s, r = chunked_topk(q, len(big), 7, lambda qq, a, b: qq @ big[a:b].T, chunk_rows=500, query_block=3)
+    bs, br = brute_force(q, big, 7)
+    np.testing.assert_array_equal(r, br)
 
 
 def test_delete_and_upsert(data):

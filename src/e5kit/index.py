@@ -70,14 +70,21 @@ def chunked_topk(
     score_chunk,
     chunk_rows: int = 65536,
     excluded: np.ndarray | None = None,
+    query_block: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` rows by score, scanning ``n_rows`` stored rows ``chunk_rows`` at a time.
+
+    Memory beyond the inputs is bounded by ``query_block x chunk_rows`` scores, however many rows.
 
     ``score_chunk(queries, start, stop)`` returns the (n_queries, stop - start) scores of that slice;
     rows where ``excluded`` is True never appear. Returns (scores, rows), each (n_queries, k'),
     sorted by descending score, ties by ascending row; k' = min(k, rows available), and rows that
     could not be filled (fewer live rows than k) hold -1 with score -inf.
     """
+    if queries.shape[0] > query_block:  # bound the score block to query_block x chunk_rows floats
+        parts = [chunked_topk(queries[i:i + query_block], n_rows, k, score_chunk, chunk_rows, excluded, query_block)
+                 for i in range(0, queries.shape[0], query_block)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     nq = queries.shape[0]
     k = max(0, min(k, n_rows))
     best_s = np.full((nq, k), -np.inf, dtype=np.float32)
