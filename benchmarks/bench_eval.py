@@ -63,7 +63,8 @@ def main() -> None:
     out = Path(args.out)
     data = SHARED / "data"
     for style in args.styles.split(","):
-        label = "multilingual-e5-small-q4" + (" (no prefix)" if style == "none" else "")
+        label = ("multilingual-e5-small-q4" + (f" max{args.max_tokens}tok" if args.max_tokens else "")
+                 + (" (no prefix)" if style == "none" else ""))
         for task in args.tasks.split(","):
             t = time.perf_counter()
             if task == "scifact":
