@@ -40,6 +40,18 @@ def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarra
     return out
 
 
+def clustered_unit_vectors(n: int, dim: int, seed: int, centers: np.ndarray, noise: float = 0.05,
+                           chunk: int = 100_000) -> np.ndarray:
+    """Unit vectors around shared random centres: neighbourhoods exist, as with text embeddings."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        x = centers[rng.integers(0, len(centers), m)] + noise * rng.standard_normal((m, dim), dtype=np.float32)
+        out[i:i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
 def timed_search(index: Index, q: np.ndarray, k: int, **kw) -> tuple[np.ndarray, float]:
     t = time.perf_counter()
     _, rows = index.search_vectors(q, k, **kw)
@@ -60,15 +72,22 @@ def main() -> None:
     ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--ef-search", default="16,64,128,256,512")
     ap.add_argument("--ivfpq", action="store_true", help="Also measure IVF-PQ (training takes minutes at 1M).")
+    ap.add_argument("--data", choices=["uniform", "clustered"], default="uniform",
+                    help="uniform random unit vectors, or unit vectors around 10,000 random centres")
     ap.add_argument("--out", default=".bench/faiss.json")
     args = ap.parse_args()
     import faiss
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, n={args.n:,} dim={args.dim}", flush=True)
-    x = unit_vectors(args.n, args.dim, seed=0)
-    q = unit_vectors(args.queries, args.dim, seed=1)
+    if args.data == "uniform":
+        x = unit_vectors(args.n, args.dim, seed=0)
+        q = unit_vectors(args.queries, args.dim, seed=1)
+    else:
+        centers = unit_vectors(10_000, args.dim, seed=2)
+        x = clustered_unit_vectors(args.n, args.dim, 0, centers)
+        q = clustered_unit_vectors(args.queries, args.dim, 1, centers)
     ids = [str(i) for i in range(args.n)]
-    results: dict = {"n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k}
+    results: dict = {"data": args.data, "n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k}
 
     m0 = rss_mb()
     t = time.perf_counter()
