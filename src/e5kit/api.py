@@ -56,10 +56,10 @@ class E5:
         self.last_truncated: list[int] = []
 
     @classmethod
-    def from_engine(cls, engine: Engine, backend: str = "torch") -> "E5":
+    def from_engine(cls, engine: Engine) -> "E5":
         """An E5 over an existing engine (e.g. one wrapping weights in training), without reloading."""
         self = cls.__new__(cls)
-        self.engine, self.spec, self.backend, self.last_truncated = engine, engine.spec, backend, []
+        self.engine, self.spec, self.last_truncated = engine, engine.spec, []
         return self
 
     # ---- properties -----------------------------------------------------------------------

@@ -733,7 +733,7 @@ def _is_generation_file(name: str) -> bool:
 
 def _require_faiss() -> None:
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401  (availability check)
     except ImportError as e:
         raise ImportError("approximate backends need FAISS: pip install faiss-cpu (or e5kit[search])") from e
 

@@ -187,8 +187,6 @@ def build_index(
     log: Callable[[str], None] = lambda m: None,
 ) -> "Index":
     """Embed ``corpus`` into an index at ``out``, resuming an interrupted build of the same corpus."""
-    import numpy as np
-
     from .index import MANIFEST, Index, model_fingerprint
 
     out = Path(out)
