@@ -6,8 +6,6 @@ inner-product search (embeddings are normalised, so cosine).
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,42 +69,15 @@ class BeirSplit:
 
 
 def load_beir(root: str | Path, split: str) -> BeirSplit:
-    """A BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
-    root = Path(root)
-    for f in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
-        if not (root / f).exists():
-            raise FileNotFoundError(f"{root / f} is missing; expected a BEIR directory (corpus.jsonl, queries.jsonl, qrels/)")
-    doc_ids, docs, titles, texts = [], [], [], []
-    with open(root / "corpus.jsonl", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    d = json.loads(line)
-                    doc_ids.append(str(d["_id"]))
-                    titles.append(d.get("title") or "")
-                    texts.append(d.get("text") or "")
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{root / 'corpus.jsonl'}:{n}: bad corpus line ({e})") from e
-                docs.append(beir_document(titles[-1], texts[-1]))
-    queries = {}
-    with open(root / "queries.jsonl", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    d = json.loads(line)
-                    queries[str(d["_id"])] = d["text"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{root / 'queries.jsonl'}:{n}: bad query line ({e})") from e
-    qrels: dict[str, dict[str, int]] = {}
-    with open(root / "qrels" / f"{split}.tsv", encoding="utf-8") as f:
-        rows = csv.reader(f, delimiter="\t")
-        for n, row in enumerate(rows, 1):
-            if n == 1 and row and not row[-1].lstrip("-").isdigit():
-                continue  # header
-            if len(row) < 3:
-                continue
-            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
-    return BeirSplit(doc_ids, docs, titles, texts, queries, qrels)
+    """A BEIR split (read by :func:`e5kit.evaluate.data.load_beir`) as parallel lists for embedding."""
+    from ..evaluate.data import load_beir as read_beir
+
+    data = read_beir(root, split)
+    doc_ids = list(data.corpus)
+    titles = [data.corpus[d][0] for d in doc_ids]
+    texts = [data.corpus[d][1] for d in doc_ids]
+    docs = [beir_document(t, x) for t, x in zip(titles, texts)]
+    return BeirSplit(doc_ids, docs, titles, texts, data.queries, data.qrels)
 
 
 def mine_beir(model, root: str | Path, split: str, negatives: int, skip_top: int, max_length: int | None,
