@@ -169,6 +169,10 @@ class Engine:
         """The token budget per batch on CPU (tokens x intermediate size kept cache-sized)."""
         return min(8192, max(512, CPU_ACTIVATION_BYTES // (4 * self.config.intermediate_size)))
 
+    def batch_budget(self, max_batch_tokens: int) -> int:
+        """The padded-token budget one forward pass should use: the caller's, capped on CPU."""
+        return min(max_batch_tokens, self.cpu_batch_tokens) if self.device.type == "cpu" else max_batch_tokens
+
     @property
     def dim(self) -> int:
         return self.config.hidden_size
@@ -239,9 +243,7 @@ class Engine:
         out = torch.empty(n, self.dim, dtype=torch.float32)
         if n == 0:
             return out
-        if self.device.type == "cpu":
-            max_batch_tokens = min(max_batch_tokens, self.cpu_batch_tokens)
-        batches = plan_batches([len(s) for s in seqs], batch_size, max_batch_tokens)
+        batches = plan_batches([len(s) for s in seqs], batch_size, self.batch_budget(max_batch_tokens))
         if progress is None:
             progress = n >= 2048 and sys.stderr.isatty()
         bar = None

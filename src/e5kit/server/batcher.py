@@ -270,7 +270,8 @@ class Batcher:
 
     def _process(self, window: list[tuple[Job, int]]) -> None:
         lengths = [len(job.seqs[row]) for job, row in window]
-        for part in plan_batches(lengths, self.max_batch_size, self.max_batch_tokens):
+        # The window may be large; each forward pass keeps to the engine's (cache-sized on CPU) budget.
+        for part in plan_batches(lengths, self.max_batch_size, self.engine.batch_budget(self.max_batch_tokens)):
             self._run_part([window[i] for i in part])
 
     def _run_part(self, items: list[tuple[Job, int]]) -> None:
