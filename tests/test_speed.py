@@ -15,7 +15,8 @@ import torch
 import e5kit.engine
 from e5kit import E5
 from e5kit.engine import plan_batches
-from e5kit.quant import Int8Linear, Int8QualityError
+from e5kit.encoder import embed_batch
+from e5kit.quant import Int8Linear, Int8QualityError, amx_supported, int8_plan, quantize_linears
 from helpers import PARITY_TEXTS, reference_embed
 
 pytestmark = pytest.mark.filterwarnings("ignore::e5kit.api.TruncationWarning")
@@ -59,10 +60,12 @@ def test_int8_close_to_fp32_and_uses_int8_linears(kind, request):
     fp32 = E5(str(path)).encode(TEXTS)
     model = E5(str(path), backend="int8")
     assert model.backend == "int8" and model.engine.int8_min_cosine >= 0.99
-    linears = [m for m in model.engine.model.modules() if isinstance(m, torch.nn.Linear)]
-    int8 = [m for m in model.engine.model.modules() if isinstance(m, Int8Linear)]
-    assert not linears and len(int8) == 4 * model.engine.config.num_layers
-    assert sum(m.inv_smooth is not None for m in int8) == model.engine.config.num_layers  # fc2 smoothed
+    plan, n_layers = int8_plan(), model.engine.config.num_layers
+    assert plan.kernel == ("onednn" if amx_supported() else "fbgemm") and model.engine.dtype == plan.dtype
+    int8 = {n: m for n, m in model.engine.model.named_modules() if isinstance(m, Int8Linear)}
+    assert len(int8) == len(plan.layers) * n_layers and {n.rsplit(".", 1)[-1] for n in int8} == set(plan.layers)
+    assert all(m.kernel == plan.kernel for m in int8.values())
+    assert sum(m.inv_smooth is not None for m in int8.values()) == len(plan.smoothed) * n_layers
     out = model.encode(TEXTS)
     assert out.shape == fp32.shape and out.dtype == np.float32
     assert (out * fp32).sum(1).min() >= 0.99
@@ -70,6 +73,30 @@ def test_int8_close_to_fp32_and_uses_int8_linears(kind, request):
     # per-text results do not depend on batching
     one = np.stack([model.encode([t])[0] for t in TEXTS[:5]])
     assert (one * out[:5]).sum(1).min() >= 0.999
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "onednn"])
+def test_int8_kernels_match_fp32(kernel, tiny_xlmr):
+    """Each int8 kernel (not only the one this CPU's plan picks) against fp32 on the same weights;
+    the fp32 model is left untouched by the conversion (its weights are shared, not cast)."""
+    if kernel == "onednn" and not amx_supported():
+        pytest.skip("oneDNN's AMX int8 kernel needs a CPU with AMX (Sapphire Rapids or later)")
+    engine = E5(str(tiny_xlmr)).engine
+    ids = engine.tokenize(TEXTS).ids
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    fp32 = engine.forward(ids)
+    plan = int8_plan(kernel)
+    int8 = quantize_linears(engine.model, calibrate=lambda m: embed_batch(m, ids, "cpu"), plan=plan)
+    assert all(torch.equal(v, engine.model.state_dict()[k]) for k, v in before.items())
+    assert {p.dtype for p in int8.parameters()} == {plan.dtype}
+    with torch.inference_mode():
+        out = embed_batch(int8, ids, "cpu")
+    cos = (out * fp32).sum(-1)
+    assert out.dtype == torch.float32 and cos.min() >= 0.99 and not torch.equal(out, fp32)
+    # a text's vector does not depend on its batch (dynamic ranges are per batch, so close, not equal)
+    with torch.inference_mode():
+        alone = embed_batch(int8, ids[:1], "cpu")
+    assert float((alone[0] * out[0]).sum()) >= 0.999
 
 
 def test_int8_quality_guard_refuses(tiny_bert, monkeypatch):

@@ -28,16 +28,19 @@ except Exception:  # pragma: no cover - not installed on CPU machines
 SUPPORTED_MODEL_TYPES = ("bert", "xlm-roberta")
 
 
-def _onednn_linear_available() -> bool:
+def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return ()
+        return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
     except Exception:  # pragma: no cover - exotic builds
-        return False
+        return ()
 
 
-# On CPU in fp32 inference, oneDNN's linear (with GELU fused into the first feed-forward layer)
-# computes the same sums as F.linear; per call it ran ~1.5x faster on these shapes (BENCHMARKS.md).
-ONEDNN_LINEAR = _onednn_linear_available()
+# On CPU in inference, oneDNN's linear (with GELU fused into the first feed-forward layer) computes
+# the same sums as F.linear, faster on these shapes: ~1.5x per call in fp32, ~1.25x in bf16 on AMX
+# (BENCHMARKS.md). bf16 only where the CPU has native bf16 instructions.
+ONEDNN_LINEAR_DTYPES = _onednn_linear_dtypes()
 # hidden_act -> oneDNN post-op (attr, algorithm)
 _ONEDNN_ACT = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
                "relu": ("relu", "")}
@@ -180,12 +183,15 @@ class Layer(nn.Module):
         self.onednn_act = _ONEDNN_ACT[cfg.hidden_act]
 
     def dense(self, lin: nn.Module, x: torch.Tensor, activate: bool = False) -> torch.Tensor:
-        """``lin(x)`` (then the activation when ``activate``), through oneDNN on CPU fp32 inference
-        (not for modules with hooks, which must see the call: int8 calibration uses them)."""
-        if (ONEDNN_LINEAR and type(lin) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32
+        """``lin(x)`` (then the activation when ``activate``), through oneDNN in CPU inference with
+        the activation fused (not for modules with hooks, which must see the call: int8 calibration
+        uses them). Modules with ``fuses_activation`` (the int8 linears) take the oneDNN post-op."""
+        if (type(lin) is nn.Linear and x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES
                 and not torch.is_grad_enabled() and not lin._forward_pre_hooks and not lin._forward_hooks):
             attr, algorithm = self.onednn_act if activate else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, attr, [], algorithm)
+        if activate and getattr(lin, "fuses_activation", False):
+            return lin(x, self.onednn_act)
         y = lin(x)
         return self.act(y) if activate else y
 

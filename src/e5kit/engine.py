@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from .encoder import Encoder, embed_batch
 from .loading import Checkpoint, load_encoder, load_tokenizer
-from .quant import MIN_COSINE, PROBE_TEXTS, Int8QualityError, quantize_linears
+from .quant import MIN_COSINE, PROBE_TEXTS, Int8QualityError, int8_plan, quantize_linears
 
 log = logging.getLogger("e5kit")
 
@@ -80,7 +80,8 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         if device.type != "cpu":
             raise ValueError(f"the int8 backend runs on CPU only; on {device} use backend='torch' (bf16/fp16)")
         if dtype != torch.float32:
-            raise ValueError(f"the int8 backend computes in int8 + float32; drop dtype={dtype} or use backend='torch'")
+            raise ValueError(f"the int8 backend computes in int8 and picks its own float type for the other layers "
+                             f"(bf16 on CPUs with AMX, else fp32); drop dtype={dtype} or use backend='torch'")
         return "int8"
     return "torch"
 
@@ -144,8 +145,9 @@ class Engine:
             self._quantize()
 
     def _quantize(self) -> None:
-        """Swap in the int8 model, after checking it against fp32 on the probe texts."""
-        fp32 = self.model
+        """Swap in the int8 model (built by this CPU's :func:`~e5kit.quant.int8_plan`), after checking
+        it against fp32 on the probe texts."""
+        fp32, plan = self.model, int8_plan()
         ref: list[torch.Tensor] = []
 
         def embed_with(model):
@@ -153,7 +155,7 @@ class Engine:
             return self.embed_ids(self.tokenize(PROBE_TEXTS).ids)
 
         try:  # one fp32 pass both calibrates the smoothed layers and gives the reference vectors
-            int8 = quantize_linears(fp32, calibrate=lambda model: ref.append(embed_with(model)))
+            int8 = quantize_linears(fp32, calibrate=lambda model: ref.append(embed_with(model)), plan=plan)
             cos = F.cosine_similarity(ref[0], embed_with(int8), dim=-1)
         finally:
             self.model = fp32
@@ -162,12 +164,14 @@ class Engine:
             raise Int8QualityError(
                 f"int8 quantization of {self.spec.name} is not accurate enough: per-text cosine to fp32 is "
                 f"{self.int8_min_cosine:.4f} (< {MIN_COSINE}) on the probe texts; use backend='torch'")
-        self.model = int8
+        self.model, self.dtype = int8, plan.dtype
 
     @property
     def cpu_batch_tokens(self) -> int:
-        """The token budget per batch on CPU (tokens x intermediate size kept cache-sized)."""
-        return min(8192, max(512, CPU_ACTIVATION_BYTES // (4 * self.config.intermediate_size)))
+        """The token budget per batch on CPU (tokens x intermediate size kept cache-sized: twice the
+        tokens in bf16 as in fp32)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return min(8192, max(512, CPU_ACTIVATION_BYTES // (itemsize * self.config.intermediate_size)))
 
     def batch_budget(self, max_batch_tokens: int) -> int:
         """The padded-token budget one forward pass should use: the caller's, capped on CPU."""

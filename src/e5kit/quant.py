@@ -1,13 +1,18 @@
 """The int8 CPU backend: the same packed encoder with int8 linear layers.
 
-Every ``nn.Linear`` of the encoder (fused QKV, attention output, both feed-forward layers: all the
-weight FLOPs) becomes an :class:`Int8Linear` on fbgemm's dynamic int8 GEMM: weights int8 with one
-scale per output channel, built from the fp32 checkpoint at load time (about a second for a small
-model, so nothing is cached on disk); activations quantized to 8 bits per call over their own
-range, accumulation in int32 (VNNI / AVX-512). The second feed-forward layer's input is smoothed
-per channel first (SmoothQuant, alpha 0.5, ranges calibrated on :data:`PROBE_TEXTS` at load time).
-Embeddings, layer norms, attention and pooling stay fp32. BENCHMARKS.md ("Speed") has the
-measurements behind these choices.
+Linear layers become :class:`Int8Linear`: weights int8 with one scale per output channel, built
+from the fp32 checkpoint at load time (about a second for a small model, so nothing is cached on
+disk); activations quantized to 8 bits per call over their own range (dynamic quantization),
+int32 accumulation. Which kernel, which layers and which float type for the rest is an
+:class:`Int8Plan`, chosen per CPU by measurement (BENCHMARKS.md, "Speed"):
+
+- CPUs with AMX (Sapphire Rapids and later): oneDNN's AMX int8 GEMM for the QKV, attention-output
+  and first feed-forward layers, everything else in bf16 on AMX. The second feed-forward layer
+  stays bf16: quantizing its 4x wider input costs more than its int8 GEMM saves, and its input
+  (GELU outputs) carries the outlier channels that hurt int8 accuracy most.
+- Other x86 CPUs (AVX2 / AVX-512 VNNI): fbgemm's dynamic int8 GEMM for all four linears, the rest
+  in fp32; the second feed-forward layer's input is smoothed per channel first (SmoothQuant,
+  alpha 0.5, ranges calibrated on :data:`PROBE_TEXTS` at load time).
 
 Quality guard: the engine embeds :data:`PROBE_TEXTS` with the fp32 and the int8 model and refuses
 the int8 model (:class:`Int8QualityError`) when any per-text cosine falls below ``MIN_COSINE``.
@@ -16,7 +21,10 @@ the int8 model (:class:`Int8QualityError`) when any per-text cosine falls below 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -55,35 +63,77 @@ def int8_supported() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
 
 
-def _has_vnni() -> bool:
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
+        return frozenset()
+
+
+def amx_supported() -> bool:
+    """Whether the CPU has AMX int8 + bf16 tiles and this PyTorch build has oneDNN's int8 linear."""
+    try:
+        return ({"amx_int8", "amx_bf16"} <= _cpu_flags() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - builds without oneDNN
         return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 # Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16: activations must then use
 # 7 bits (reduce_range) to stay exact. With VNNI the accumulation is int32 and 8 bits are safe.
-_REDUCE_RANGE = not _has_vnni()
+_REDUCE_RANGE = not ({"avx512_vnni", "avx_vnni"} & _cpu_flags())
 
-# Layers whose input gets SmoothQuant-style per-channel scaling before quantization: the second
-# feed-forward layer reads GELU outputs, whose few outlier channels (up to ~80x the median on
-# multilingual-e5-small) would otherwise take most of the 8-bit range. Measured in BENCHMARKS.md.
-SMOOTHED = ("fc2",)
 SMOOTH_ALPHA = 0.5
+KERNELS = ("onednn", "fbgemm")
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """How to build the int8 model on this CPU.
+
+    kernel: "onednn" (AMX) or "fbgemm"; dtype: the float type of everything that is not an int8
+    linear; layers: attribute names of the linears made int8; smoothed: those whose input gets
+    SmoothQuant-style per-channel scaling (GELU outputs have a few outlier channels, up to ~80x the
+    median on multilingual-e5-small, that would otherwise take most of the 8-bit range).
+    """
+
+    kernel: str
+    dtype: torch.dtype
+    layers: tuple[str, ...]
+    smoothed: tuple[str, ...] = ()
+
+
+def int8_plan(kernel: str | None = None) -> Int8Plan:
+    """The measured-best plan for this CPU (see the module docstring). ``kernel``, or else the
+    ``E5KIT_INT8_KERNEL`` environment variable, forces one ("onednn" needs AMX)."""
+    kernel = kernel or os.environ.get("E5KIT_INT8_KERNEL") or ("onednn" if amx_supported() else "fbgemm")
+    if kernel == "onednn" and not amx_supported():
+        raise ValueError("the onednn int8 kernel needs a CPU with AMX int8/bf16 and a PyTorch build with oneDNN")
+    if kernel == "onednn":
+        return Int8Plan("onednn", torch.bfloat16, ("qkv", "attn_out", "fc1"))
+    if kernel == "fbgemm":
+        return Int8Plan("fbgemm", torch.float32, ("qkv", "attn_out", "fc1", "fc2"), smoothed=("fc2",))
+    raise ValueError(f"int8 kernel must be one of {KERNELS}, not {kernel!r}")
 
 
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W in int8 (one scale per output channel) and x quantized to uint8 at
-    each call over its own range (dynamic quantization), through fbgemm's ``linear_dynamic``.
+    each call over its own range (dynamic quantization).
 
+    ``kernel="fbgemm"``: ``quantized::linear_dynamic`` on fp32 activations. ``kernel="onednn"``:
+    ``onednn::qlinear_pointwise`` (AMX) on fp32 or bf16 activations, output in the input's dtype,
+    with the activation fused (``forward(x, post_op)``, see ``encoder.Layer.dense``).
     ``input_max`` (per input channel, from calibration) turns on smoothing: x / s and W * s with
     ``s = input_max**alpha / weight_max**(1 - alpha)``, which moves outliers from x into W.
     """
 
-    def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None = None, alpha: float = SMOOTH_ALPHA):
+    def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None = None, alpha: float = SMOOTH_ALPHA,
+                 kernel: str = "fbgemm"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"int8 kernel must be one of {KERNELS}, not {kernel!r}")
+        self.kernel = kernel
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float()
         self.inv_smooth: torch.Tensor | None = None
@@ -92,20 +142,55 @@ class Int8Linear(nn.Module):
             s = s.clamp_min(1e-5)
             w = w * s[None, :]
             self.inv_smooth = 1.0 / s
-        scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
-        with warnings.catch_warnings():  # torch.ao's deprecation notices
-            warnings.simplefilter("ignore")
-            qw = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12)
         bias = linear.bias.detach().float() if linear.bias is not None else None
-        self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+        # Plain attributes, not buffers: ``Module.to(dtype)`` must leave the quantized data alone.
+        if kernel == "onednn":
+            qw = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+            self._packed = torch.ops.onednn.qlinear_prepack(qw, None)
+            self._w_scales = scales.float()
+            self._w_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
+            self._bias = bias
+        else:
+            scales = scales.double()
+            with warnings.catch_warnings():  # torch.ao's deprecation notices
+                warnings.simplefilter("ignore")
+                qw = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def fuses_activation(self) -> bool:
+        return self.kernel == "onednn"
+
+    def forward(self, x: torch.Tensor, post_op: tuple[str, str] | None = None) -> torch.Tensor:
         if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+            x = x * self.inv_smooth.to(x.dtype)
+        if self.kernel == "fbgemm":
+            if post_op is not None:
+                raise ValueError("the fbgemm int8 linear cannot fuse an activation")
+            return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+        qx, scale, zero_point = _quantize_uint8(x)
+        attr, algorithm = post_op if post_op is not None else ("none", "")
+        return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self._packed, self._w_scales,
+                                                  self._w_zero_points, self._bias, 1.0, 0, x.dtype, attr, [],
+                                                  algorithm)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, smoothed={self.inv_smooth is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
+                f"smoothed={self.inv_smooth is not None}")
+
+
+def _quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """x as uint8 over its own range (which always includes 0): (q, scale, zero_point)."""
+    lo, hi = torch.aminmax(x)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero_point = min(255, max(0, round(-lo / scale)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(x.float().contiguous(), scale, zero_point, torch.quint8)
+    # The quantized tensor's bytes, viewed as plain uint8 without a copy (int_repr() copies).
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), 0, q.shape, q.stride()), scale, zero_point
 
 
 def input_maxima(model: nn.Module, names: Sequence[str], run: Callable[[nn.Module], object]) -> dict[str, torch.Tensor]:
@@ -128,24 +213,35 @@ def input_maxima(model: nn.Module, names: Sequence[str], run: Callable[[nn.Modul
     return seen
 
 
-def quantize_linears(model: nn.Module, calibrate: Callable[[nn.Module], object] | None = None) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` replaced by :class:`Int8Linear`; ``model`` itself is
-    left untouched. ``calibrate(model)`` (e.g. embedding :data:`PROBE_TEXTS`) supplies the input
+def quantize_linears(model: nn.Module, calibrate: Callable[[nn.Module], object] | None = None,
+                     plan: Int8Plan | None = None) -> nn.Module:
+    """A copy of ``model`` built by ``plan`` (default: :func:`int8_plan` for this CPU): the plan's
+    linears become :class:`Int8Linear`, everything else is cast to ``plan.dtype``; ``model`` itself
+    is left untouched. ``calibrate(model)`` (e.g. embedding :data:`PROBE_TEXTS`) supplies the input
     ranges for the smoothed layers; without it nothing is smoothed."""
     if not int8_supported():
         raise RuntimeError("this PyTorch build has no fbgemm quantized CPU kernels; use backend='torch'")
-    maxima = input_maxima(model, SMOOTHED, calibrate) if calibrate is not None else {}
-    # Share every tensor with ``model`` (the embedding table alone is ~400 MB for multilingual
-    # models); the linears' fp32 weights are then dropped from the copy.
-    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    plan = plan or int8_plan()
+    maxima = input_maxima(model, plan.smoothed, calibrate) if calibrate is not None else {}
+    targets = {full: mod for full, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and full.rsplit(".", 1)[-1] in plan.layers}
+    # Share every tensor that keeps its dtype with ``model`` (the embedding table alone is ~400 MB for
+    # multilingual models) and the linears about to be replaced; cast the others into new tensors.
+    replaced = {id(p) for mod in targets.values() for p in mod.parameters()}
+    memo: dict[int, object] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in replaced or not t.is_floating_point() or t.dtype == plan.dtype:
+            memo[id(t)] = t
+        else:
+            cast = t.detach().to(plan.dtype)
+            memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
     out = copy.deepcopy(model, memo)
-    for name, mod in list(out.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear):
-                full = f"{name}.{child_name}" if name else child_name
-                setattr(mod, child_name, Int8Linear(child, maxima.get(full)))
+    for full, linear in targets.items():
+        parent, _, child = full.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child,
+                Int8Linear(linear, maxima.get(full), kernel=plan.kernel))
     return out.eval()
 
 
-__all__ = ["MIN_COSINE", "PROBE_TEXTS", "Int8QualityError", "Int8Linear", "int8_supported", "input_maxima",
-           "quantize_linears"]
+__all__ = ["MIN_COSINE", "PROBE_TEXTS", "Int8QualityError", "Int8Linear", "Int8Plan", "amx_supported", "int8_plan",
+           "int8_supported", "input_maxima", "quantize_linears"]
