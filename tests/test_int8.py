@@ -1,5 +1,6 @@
-"""The int8 backend on the real multilingual-e5-small (issue 5): per-text cosine to fp32 and
-SciFact retrieval quality (nDCG@10) against the fp32 path on the same subset."""
+"""The int8 backend and CPU bf16 on the real multilingual-e5-small (issue 5): per-text cosine to
+fp32 and SciFact retrieval quality (nDCG@10) against the fp32 path on the same subset. On CPUs with
+AMX the int8 backend's oneDNN plan runs, and the fbgemm plan (what other CPUs get) is forced too."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from e5kit import E5
+from e5kit.quant import amx_supported
 
 N_QUERIES = 300  # all SciFact test queries, with all their relevant documents
 N_OTHERS = 100  # plus a fixed random sample of other documents
@@ -41,26 +43,46 @@ def subset(scifact):
     return qids, [queries[q] for q in qids], doc_ids, [corpus[d] for d in doc_ids], qrels
 
 
+# name -> (E5 keyword arguments, E5KIT_INT8_KERNEL)
+VARIANTS = {"fp32": ({}, None), "int8": ({"backend": "int8"}, None), "bf16": ({"dtype": "bfloat16"}, None)}
+if amx_supported():
+    VARIANTS["int8-fbgemm"] = ({"backend": "int8"}, "fbgemm")
+INT8 = [v for v in VARIANTS if v.startswith("int8")]
+
+
 @pytest.fixture(scope="module")
 def embedded(ml_e5, subset):
     _, queries, _, docs, _ = subset
     out = {}
-    for backend in ("torch", "int8"):
-        model = E5(str(ml_e5), backend=backend)
-        assert model.backend == backend
-        out[backend] = (model.encode_queries(queries), model.encode_passages(docs))
+    for name, (kwargs, kernel) in VARIANTS.items():
+        with pytest.MonkeyPatch.context() as mp:
+            if kernel:
+                mp.setenv("E5KIT_INT8_KERNEL", kernel)
+            model = E5(str(ml_e5), **kwargs)
+            assert model.backend == kwargs.get("backend", "torch")
+            out[name] = (model.encode_queries(queries), model.encode_passages(docs))
     return out
 
 
-def test_int8_cosine_per_text(embedded):
-    (q32, d32), (q8, d8) = embedded["torch"], embedded["int8"]
+def _cosines(embedded, name: str) -> tuple[np.ndarray, np.ndarray]:
+    (q32, d32), (q, d) = embedded["fp32"], embedded[name]
     assert len(d32) >= 200  # issue 5: at least 200 SciFact texts
-    cos_docs = (d32 * d8).sum(1)
-    cos_queries = (q32 * q8).sum(1)
-    print(f"cosine int8 vs fp32: passages min {cos_docs.min():.4f} mean {cos_docs.mean():.4f}, "
-          f"queries min {cos_queries.min():.4f}")
+    cos_docs, cos_queries = (d32 * d).sum(1), (q32 * q).sum(1)
+    print(f"cosine {name} vs fp32: passages min {cos_docs.min():.5f} mean {cos_docs.mean():.5f}, "
+          f"queries min {cos_queries.min():.5f}")
+    return cos_docs, cos_queries
+
+
+@pytest.mark.parametrize("name", INT8)
+def test_int8_cosine_per_text(embedded, name):
+    cos_docs, cos_queries = _cosines(embedded, name)
     assert cos_docs.min() >= 0.99, f"worst passage cosine {cos_docs.min():.4f}"
     assert cos_queries.min() >= 0.99, f"worst query cosine {cos_queries.min():.4f}"
+
+
+def test_bf16_cosine_per_text(embedded):
+    cos_docs, cos_queries = _cosines(embedded, "bf16")
+    assert min(cos_docs.min(), cos_queries.min()) >= 0.999
 
 
 def _ndcg10(q: np.ndarray, d: np.ndarray, subset) -> float:
@@ -73,9 +95,10 @@ def _ndcg10(q: np.ndarray, d: np.ndarray, subset) -> float:
     return 100 * float(np.mean([v["ndcg_cut_10"] for v in per_query.values()]))
 
 
-def test_int8_scifact_ndcg_within_half_a_point(embedded, subset):
-    fp32 = _ndcg10(*embedded["torch"], subset)
-    int8 = _ndcg10(*embedded["int8"], subset)
-    print(f"SciFact subset nDCG@10: fp32 {fp32:.2f}, int8 {int8:.2f}")
+@pytest.mark.parametrize("name", INT8 + ["bf16"])
+def test_scifact_ndcg_within_half_a_point(embedded, subset, name):
+    fp32 = _ndcg10(*embedded["fp32"], subset)
+    other = _ndcg10(*embedded[name], subset)
+    print(f"SciFact subset nDCG@10: fp32 {fp32:.2f}, {name} {other:.2f}")
     assert fp32 > 30, f"fp32 nDCG@10 {fp32:.2f}: the model should retrieve on this subset"
-    assert abs(int8 - fp32) <= 0.5, f"nDCG@10 fp32 {fp32:.2f} vs int8 {int8:.2f}"
+    assert abs(other - fp32) <= 0.5, f"nDCG@10 fp32 {fp32:.2f} vs {name} {other:.2f}"

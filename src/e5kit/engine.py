@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from .encoder import Encoder, embed_batch
+from .encoder import Encoder, embed_batch, pack_linears
 from .loading import Checkpoint, load_encoder, load_tokenizer
 from .quant import MIN_COSINE, PROBE_TEXTS, Int8QualityError, int8_plan, quantize_linears
 
@@ -140,9 +140,12 @@ class Engine:
         self._untruncated: Tokenizer | None = None
         model = encoder if encoder is not None else load_encoder(checkpoint.path, checkpoint.config)
         self.model: torch.nn.Module = model.to(self.device, self.dtype).eval()
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.int8_min_cosine: float | None = None
         if self.backend == "int8":
             self._quantize()
+        if self.device.type == "cpu" and (encoder is None or self.model is not encoder):
+            pack_linears(self.model)  # only a model the engine owns: a caller's encoder may still train
 
     def _quantize(self) -> None:
         """Swap in the int8 model (built by this CPU's :func:`~e5kit.quant.int8_plan`), after checking

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MIN_COSINE = 0.99
@@ -86,6 +87,8 @@ _REDUCE_RANGE = not ({"avx512_vnni", "avx_vnni"} & _cpu_flags())
 
 SMOOTH_ALPHA = 0.5
 KERNELS = ("onednn", "fbgemm")
+# Below this many rows (tokens in a batch) the oneDNN kernel hands the call to fbgemm (measured tie).
+ONEDNN_MIN_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,10 @@ class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W in int8 (one scale per output channel) and x quantized to uint8 at
     each call over its own range (dynamic quantization).
 
-    ``kernel="fbgemm"``: ``quantized::linear_dynamic`` on fp32 activations. ``kernel="onednn"``:
-    ``onednn::qlinear_pointwise`` (AMX) on fp32 or bf16 activations, output in the input's dtype,
-    with the activation fused (``forward(x, post_op)``, see ``encoder.Layer.dense``).
+    ``kernel="fbgemm"``: ``quantized::linear_dynamic``. ``kernel="onednn"``:
+    ``onednn::qlinear_pointwise`` (AMX), fbgemm for calls under :data:`ONEDNN_MIN_ROWS` rows. Output in
+    the input's dtype (fp32 or bf16), with the activation applied (``forward(x, post_op)``, fused
+    into the oneDNN GEMM; see ``encoder.Layer.dense``).
     ``input_max`` (per input channel, from calibration) turns on smoothing: x / s and W * s with
     ``s = input_max**alpha / weight_max**(1 - alpha)``, which moves outliers from x into W.
     """
@@ -145,39 +149,45 @@ class Int8Linear(nn.Module):
         scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         # Plain attributes, not buffers: ``Module.to(dtype)`` must leave the quantized data alone.
+        with warnings.catch_warnings():  # torch.ao's deprecation notices
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w, scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0,
+                                            torch.qint8)
+        # fbgemm serves every call of the fbgemm kernel, and the few-row calls of the oneDNN one: for a
+        # short query oneDNN's per-call overhead costs more than its AMX GEMM saves (BENCHMARKS.md).
+        self._fbgemm = torch.ops.quantized.linear_prepack(qw, bias)
         if kernel == "onednn":
-            qw = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-            self._packed = torch.ops.onednn.qlinear_prepack(qw, None)
+            self._onednn = torch.ops.onednn.qlinear_prepack(qw.int_repr(), None)
             self._w_scales = scales.float()
             self._w_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
             self._bias = bias
-        else:
-            scales = scales.double()
-            with warnings.catch_warnings():  # torch.ao's deprecation notices
-                warnings.simplefilter("ignore")
-                qw = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
 
-    @property
-    def fuses_activation(self) -> bool:
-        return self.kernel == "onednn"
+    fuses_activation = True
 
     def forward(self, x: torch.Tensor, post_op: tuple[str, str] | None = None) -> torch.Tensor:
         if self.inv_smooth is not None:
             x = x * self.inv_smooth.to(x.dtype)
-        if self.kernel == "fbgemm":
-            if post_op is not None:
-                raise ValueError("the fbgemm int8 linear cannot fuse an activation")
-            return torch.ops.quantized.linear_dynamic(x, self._packed, _REDUCE_RANGE)
+        if self.kernel == "fbgemm" or x.shape[0] < ONEDNN_MIN_ROWS:
+            y = torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm, _REDUCE_RANGE)
+            return _POST_OPS[post_op or ("none", "")](y).to(x.dtype)
         qx, scale, zero_point = _quantize_uint8(x)
         attr, algorithm = post_op if post_op is not None else ("none", "")
-        return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self._packed, self._w_scales,
+        return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self._onednn, self._w_scales,
                                                   self._w_zero_points, self._bias, 1.0, 0, x.dtype, attr, [],
                                                   algorithm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
                 f"smoothed={self.inv_smooth is not None}")
+
+
+# oneDNN post-ops (attr, algorithm), as ``encoder.Layer.dense`` passes them, applied after fbgemm.
+_POST_OPS: dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]] = {
+    ("none", ""): lambda y: y,
+    ("gelu", "none"): F.gelu,
+    ("gelu", "tanh"): lambda y: F.gelu(y, approximate="tanh"),
+    ("relu", ""): F.relu,
+}
 
 
 def _quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:

@@ -98,7 +98,7 @@ class E5ForMTEB:
                 return meta
         except Exception:  # noqa: BLE001 - unknown to mteb's registry
             pass
-        n_params = sum(p.numel() for p in self.model.engine.model.parameters())
+        n_params = self.model.engine.num_parameters
         return ModelMeta(
             loader=None, name=spec.name if "/" in spec.name else f"local/{os.path.basename(spec.name)}",
             revision=self.revision or "local", release_date=None, languages=None, n_parameters=n_params,
