@@ -546,7 +546,7 @@ def _model_card(sm: ServedModel) -> dict:
     m = sm.model
     return {"id": sm.name, "object": "model", "created": sm.created, "owned_by": "e5kit",
             "dimensions": m.dim, "max_tokens": m.max_tokens, "prompt_style": m.prompt_style,
-            "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+            "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""), "backend": m.backend,
             "languages": m.spec.languages, "license": m.spec.license}
 
 
