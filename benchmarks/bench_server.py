@@ -198,10 +198,10 @@ async def _wait_idle(url: str, timeout: float = 120) -> None:
 class OfflineEngine:
     """The engine alone on the same texts: E5.encode_passages with batch 32 (the library default)."""
 
-    def __init__(self, model: Path, texts: list[str]):
+    def __init__(self, model: Path, texts: list[str], dtype: str | None = None, backend: str = "auto"):
         from e5kit import E5
 
-        self.m = E5(str(model))
+        self.m = E5(str(model), dtype=dtype, backend=backend)
         self.formatted = self.m.format(texts, "passage")
         self.n_tokens = sum(len(x) for x in self.m.tokenize(self.formatted))
         self.m.encode(self.formatted[:32])  # warm-up
@@ -233,7 +233,10 @@ def main() -> None:
     ap.add_argument("--overload-clients", type=int, default=128)
     ap.add_argument("--overload-queue", type=int, default=32768, help="--max-queued-tokens of the overload server")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--dtype", default=None, help="--dtype for the server and the offline engine (e.g. bfloat16)")
+    ap.add_argument("--backend", default="auto", help="--backend for the server and the offline engine")
     args = ap.parse_args()
+    model_args = ["--backend", args.backend] + (["--dtype", args.dtype] if args.dtype else [])
     warnings.simplefilter("ignore")  # truncation warnings from the offline run
 
     model = args.model or build_random_e5_small(Path.home() / ".cache" / "e5kit-bench" / "e5-small-v2-random")
@@ -245,8 +248,8 @@ def main() -> None:
     # The engine offline is measured right before and right after the single-text runs (the machine
     # is shared, so the ratio uses both), with the server up but idle.
     offline_s = max(10.0, args.duration / 2)
-    engine = OfflineEngine(model, texts[:args.offline_texts])
-    server = Server(model, [], logdir / "bench_server.log")
+    engine = OfflineEngine(model, texts[:args.offline_texts], args.dtype, args.backend)
+    server = Server(model, model_args, logdir / "bench_server.log")
     runs = []
     header = ("| clients | texts/req | req/s | tokens/s | p50 ms | p99 ms | errors | 429s | unanswered at end | peak RSS MB |\n"
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -279,7 +282,8 @@ def main() -> None:
                   f"..{r['tokens_per_s'] / min(offline):.0%}; target >= 80%), errors {r['errors']}", flush=True)
 
     # Overload: clients that ignore Retry-After against a small queue.
-    ov_server = Server(model, ["--max-queued-tokens", str(args.overload_queue)], logdir / "bench_server_overload.log")
+    ov_server = Server(model, [*model_args, "--max-queued-tokens", str(args.overload_queue)],
+                       logdir / "bench_server_overload.log")
     try:
         ov = asyncio.run(load(ov_server.url, texts, args.overload_clients, 32, args.duration, ov_server,
                               retry_429=0.05))

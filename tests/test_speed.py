@@ -15,7 +15,7 @@ import torch
 import e5kit.engine
 from e5kit import E5
 from e5kit.engine import plan_batches
-from e5kit.encoder import embed_batch
+from e5kit.encoder import bucket_rows, embed_batch
 from e5kit.loading import load_encoder
 from e5kit.quant import ONEDNN_MIN_ROWS, Int8Linear, Int8QualityError, amx_supported, int8_plan, quantize_linears
 from helpers import PARITY_TEXTS, reference_embed
@@ -155,3 +155,20 @@ def test_cli_backend_option(tiny_bert):
     assert (np.array(rows) * fp32).sum(1).min() >= 0.99
     bad = _cli("embed", "-m", str(tiny_bert), "--backend", "onnx", "x")
     assert bad.returncode != 0 and "backend must be one of" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("kernel", [None, "fbgemm"])
+def test_bucketed_rows_do_not_change_vectors(kernel, tiny_xlmr):
+    """On CPU the engine rounds a batch's row count up with copies of real tokens (so oneDNN reuses
+    its per-shape kernels); neither fp32 nor int8 (whose dynamic ranges see every row) changes."""
+    engine = E5(str(tiny_xlmr)).engine
+    model = load_encoder(engine.checkpoint.path, engine.config).eval()
+    if kernel:
+        model = quantize_linears(model, plan=int8_plan(kernel))
+    for seqs in (engine.tokenize(TEXTS).ids, [[0]], engine.tokenize(["summit define"]).ids):
+        n = sum(map(len, seqs))
+        assert bucket_rows(n) > n or n in (16, 32)
+        with torch.inference_mode():
+            plain = embed_batch(model, seqs, "cpu")
+            bucketed = embed_batch(model, seqs, "cpu", bucket=True)
+        assert (bucketed - plain).abs().max() <= 1e-5

@@ -144,12 +144,23 @@ _ACTIVATIONS = {
 }
 
 
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up to a coarse bucket (multiples of 16, or of 1/16 of n's power of two when
+    larger): at most ~6% more rows, but few distinct GEMM shapes. oneDNN builds a kernel per shape
+    (~10 ms each on CPU), so with exact sizes every new batch would pay that again."""
+    step = max(16, (1 << (n.bit_length() - 1)) // 16)
+    return -(-n // step) * step
+
+
 @dataclass
 class Packed:
     """A batch of sequences laid end to end.
 
-    input_ids, positions: (total_tokens,) long; cu_seqlens: (batch + 1,) int32 offsets;
-    max_len: longest sequence; pad_index: for each token, its row in a (batch * max_len) block.
+    input_ids, positions: (rows,) long; cu_seqlens: (batch + 1,) int32 offsets; max_len: longest
+    sequence; pad_index: for each real token, its row in a (batch * max_len) block. ``rows`` may
+    exceed the real token count ``n_tokens`` (see :func:`bucket_rows`): the extra rows are exact
+    copies of real tokens (``source`` maps each row to its token), so they leave every value range
+    (int8's dynamic scales included) unchanged; attention and pooling read real tokens only.
     """
 
     input_ids: torch.Tensor
@@ -157,15 +168,27 @@ class Packed:
     cu_seqlens: torch.Tensor
     max_len: int
     pad_index: torch.Tensor
-    seq_index: torch.Tensor  # (total_tokens,) which sequence each token belongs to
+    seq_index: torch.Tensor  # (n_tokens,) which sequence each token belongs to
     lengths: torch.Tensor  # (batch,)
+    n_tokens: int = -1  # real tokens (-1: every row)
+    source: torch.Tensor | None = None  # (rows,) the real token each row copies; None: no filler
+    block_index: torch.Tensor | None = None  # (rows,) pad_index[source]
+
+    def __post_init__(self):
+        if self.n_tokens < 0:
+            self.n_tokens = self.input_ids.numel()
 
     @property
     def batch_size(self) -> int:
         return self.lengths.numel()
 
+    @property
+    def rows(self) -> int:
+        return self.input_ids.numel()
+
     @classmethod
-    def from_ids(cls, seqs: list[list[int]], position_offset: int = 0, device: torch.device | str = "cpu") -> "Packed":
+    def from_ids(cls, seqs: list[list[int]], position_offset: int = 0, device: torch.device | str = "cpu",
+                 bucket: bool = False) -> "Packed":
         lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
         if (lengths == 0).any():
             raise ValueError("every sequence needs at least one token")
@@ -176,14 +199,24 @@ class Packed:
         positions = torch.arange(flat.numel()) - starts[seq_index]
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lengths, 0)
+        n = flat.numel()
+        pad_index = seq_index * max_len + positions
+        source = block_index = None
+        if bucket and bucket_rows(n) > n:
+            source = torch.cat([torch.arange(n), torch.arange(bucket_rows(n) - n) % n])
+            flat, positions, block_index = flat[source], positions[source], pad_index[source].to(device)
+            source = source.to(device)
         return cls(
             input_ids=flat.to(device),
             positions=(positions + position_offset).to(device),
             cu_seqlens=cu.to(device),
             max_len=max_len,
-            pad_index=(seq_index * max_len + positions).to(device),
+            pad_index=pad_index.to(device),
             seq_index=seq_index.to(device),
             lengths=lengths.to(device),
+            n_tokens=n,
+            source=source,
+            block_index=block_index,
         )
 
 
@@ -233,12 +266,14 @@ class Layer(nn.Module):
         return self.act(y) if activate else y
 
     def attention(self, qkv: torch.Tensor, p: Packed, mask: torch.Tensor | None) -> torch.Tensor:
-        T, H = qkv.shape[0], qkv.shape[1] // 3
+        T, H = p.n_tokens, qkv.shape[1] // 3
         nh, hd = self.num_heads, self.head_dim
         drop = self.attn_dropout if self.training else 0.0
+        qkv = qkv[:T]  # filler rows take no part; they get their source token's result back
         if flash_attn_varlen_qkvpacked_func is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn_varlen_qkvpacked_func(qkv.view(T, 3, nh, hd), p.cu_seqlens, p.max_len, dropout_p=drop)
-            return out.reshape(T, H)
+            out = out.reshape(T, H)
+            return out if p.source is None else out[p.source]
         B, L = p.batch_size, p.max_len
         if mask is None:  # all sequences have the same length: the packed rows already form the block
             block = qkv.view(B, L, 3, nh, hd)
@@ -249,6 +284,8 @@ class Layer(nn.Module):
         q, k, v = block.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hd)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         ctx = ctx.transpose(1, 2).reshape(B * L, H)
+        if p.block_index is not None:
+            return ctx[p.block_index]
         return ctx if mask is None else ctx[p.pad_index]
 
     def forward(self, x: torch.Tensor, p: Packed, mask: torch.Tensor | None) -> torch.Tensor:
@@ -357,22 +394,23 @@ def mean_pool(hidden: torch.Tensor, p: Packed) -> torch.Tensor:
     (fp64 for an fp64 model)."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     out = torch.zeros(p.batch_size, hidden.shape[1], dtype=dtype, device=hidden.device)
-    out.index_add_(0, p.seq_index, hidden.to(dtype))
+    out.index_add_(0, p.seq_index, hidden[: p.n_tokens].to(dtype))
     return out / p.lengths[:, None].to(out.dtype)
 
 
 def embed_batch(model: nn.Module, seqs: list[list[int]], device: torch.device | str | None = None,
-                normalize: bool = True, position_offset: int | None = None) -> torch.Tensor:
+                normalize: bool = True, position_offset: int | None = None, bucket: bool = False) -> torch.Tensor:
     """Token ids -> mean-pooled (optionally L2-normalised) float32 vectors for one batch.
 
     Differentiable: the engine calls it under ``inference_mode``, training calls it with autograd on.
     ``model`` maps a :class:`Packed` batch to per-token states (an :class:`Encoder` or a stand-in).
+    ``bucket`` rounds the row count up (:func:`bucket_rows`; the vectors do not change).
     """
     if device is None:
         device = next(model.parameters()).device
     if position_offset is None:
         position_offset = model.cfg.position_offset
-    packed = Packed.from_ids([list(s) for s in seqs], position_offset, device)
+    packed = Packed.from_ids([list(s) for s in seqs], position_offset, device, bucket)
     pooled = mean_pool(model(packed), packed)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
@@ -384,5 +422,5 @@ def flops_per_token(cfg: EncoderConfig, seq_len: int) -> float:
     return cfg.num_layers * per_layer
 
 
-__all__ = ["EncoderConfig", "Encoder", "Packed", "PackedLinear", "pack_linears", "mean_pool", "embed_batch",
+__all__ = ["EncoderConfig", "Encoder", "Packed", "PackedLinear", "bucket_rows", "pack_linears", "mean_pool", "embed_batch",
            "flops_per_token"]

@@ -234,7 +234,9 @@ class Engine:
     @torch.inference_mode()
     def forward(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> torch.Tensor:
         """One batch: mean-pooled (and optionally L2-normalised) float32 vectors, on the device."""
-        return embed_batch(self.model, seqs, self.device, normalize, self.config.position_offset)
+        # On CPU, bucketed row counts let oneDNN reuse its per-shape GEMM kernels across batches.
+        return embed_batch(self.model, seqs, self.device, normalize, self.config.position_offset,
+                           bucket=self.device.type == "cpu")
 
     def embed_ids(
         self,

@@ -37,9 +37,10 @@ def tiny_server(tiny_bert, tiny_xlmr, tiny_instruct, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ml_server(ml_e5, tmp_path_factory):
-    """The real multilingual-e5-small, no keys, a small queue (6000 tokens) so 429 is reachable."""
+    """The real multilingual-e5-small, no keys, a small queue (6000 tokens) so 429 is reachable; one
+    thread, so that a 3k-token job keeps the model busy long enough (~1 s) for the backpressure test."""
     d = tmp_path_factory.mktemp("ml-server")
-    server = ServerProcess(["-m", f"ml={ml_e5}", "--max-queued-tokens", "6000", "--max-batch-tokens", "4096"],
-                           d / "server.log")
+    server = ServerProcess(["-m", f"ml={ml_e5}", "--max-queued-tokens", "6000", "--max-batch-tokens", "4096",
+                            "--threads", "1"], d / "server.log")
     yield server
     server.stop()
