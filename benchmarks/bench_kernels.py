@@ -20,7 +20,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from e5kit.encoder import PackedLinear  # noqa: E402
-from e5kit.quant import Int8Linear, amx_supported  # noqa: E402
+from e5kit.quant import Int8Linear, _quantize_uint8, amx_supported  # noqa: E402
 
 
 def per_call_us(f, min_s: float = 0.3) -> float:
@@ -56,17 +56,11 @@ def main() -> None:
             if amx:
                 od = Int8Linear(lin, kernel="onednn")
                 od_fn = lambda: torch.ops.onednn.qlinear_pointwise(  # noqa: E731 - the AMX route only
-                    *_q(xb), od._onednn, od._w_scales, od._w_zero_points, od._bias, 1.0, 0, torch.bfloat16,
+                    *_quantize_uint8(xb), od._onednn, od._w_scales, od._w_zero_points, od._bias, 1.0, 0, torch.bfloat16,
                     "none", [], "")
                 cols.append(per_call_us(od_fn))
             print(f"{rows:5d} {name:>10} " + " ".join(f"{c:8.0f}" if i < 3 else f"{c:10.0f}" for i, c in enumerate(cols)),
                   flush=True)
-
-
-def _q(x: torch.Tensor):
-    from e5kit.quant import _quantize_uint8
-
-    return _quantize_uint8(x)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
 # the same sums as F.linear, faster on these shapes: ~1.5x per call in fp32, ~1.25x in bf16 on AMX
 # (BENCHMARKS.md). bf16 only where the CPU has native bf16 instructions.
 ONEDNN_LINEAR_DTYPES = _onednn_linear_dtypes()
-# hidden_act -> oneDNN post-op (attr, algorithm)
+# oneDNN post-op (attr, algorithm) meaning "none", and hidden_act -> the post-op that applies it
+NO_POST_OP = ("none", "")
 _ONEDNN_ACT = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
                "relu": ("relu", "")}
 
@@ -64,8 +65,8 @@ class PackedLinear(nn.Module):
         self._bias = linear.bias.detach() if linear.bias is not None else None
         self.dtype = linear.weight.dtype
 
-    def forward(self, x: torch.Tensor, post_op: tuple[str, str] | None = None) -> torch.Tensor:
-        attr, algorithm = post_op if post_op is not None else ("none", "")
+    def forward(self, x: torch.Tensor, post_op: tuple[str, str] = NO_POST_OP) -> torch.Tensor:
+        attr, algorithm = post_op
         return torch.ops.mkldnn._linear_pointwise(x, self._weight, self._bias, attr, [], algorithm)
 
     def extra_repr(self) -> str:
@@ -170,13 +171,8 @@ class Packed:
     pad_index: torch.Tensor
     seq_index: torch.Tensor  # (n_tokens,) which sequence each token belongs to
     lengths: torch.Tensor  # (batch,)
-    n_tokens: int = -1  # real tokens (-1: every row)
     source: torch.Tensor | None = None  # (rows,) the real token each row copies; None: no filler
     block_index: torch.Tensor | None = None  # (rows,) pad_index[source]
-
-    def __post_init__(self):
-        if self.n_tokens < 0:
-            self.n_tokens = self.input_ids.numel()
 
     @property
     def batch_size(self) -> int:
@@ -185,6 +181,11 @@ class Packed:
     @property
     def rows(self) -> int:
         return self.input_ids.numel()
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens (rows without the filler)."""
+        return self.seq_index.numel()
 
     @classmethod
     def from_ids(cls, seqs: list[list[int]], position_offset: int = 0, device: torch.device | str = "cpu",
@@ -200,10 +201,11 @@ class Packed:
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lengths, 0)
         n = flat.numel()
+        rows = bucket_rows(n) if bucket else n
         pad_index = seq_index * max_len + positions
         source = block_index = None
-        if bucket and bucket_rows(n) > n:
-            source = torch.cat([torch.arange(n), torch.arange(bucket_rows(n) - n) % n])
+        if rows > n:
+            source = torch.cat([torch.arange(n), torch.arange(rows - n) % n])
             flat, positions, block_index = flat[source], positions[source], pad_index[source].to(device)
             source = source.to(device)
         return cls(
@@ -214,7 +216,6 @@ class Packed:
             pad_index=pad_index.to(device),
             seq_index=seq_index.to(device),
             lengths=lengths.to(device),
-            n_tokens=n,
             source=source,
             block_index=block_index,
         )
@@ -258,7 +259,7 @@ class Layer(nn.Module):
         uses them). Modules with ``fuses_activation`` (packed and int8 linears) take the oneDNN post-op."""
         if (type(lin) is nn.Linear and x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES
                 and not torch.is_grad_enabled() and not lin._forward_pre_hooks and not lin._forward_hooks):
-            attr, algorithm = self.onednn_act if activate else ("none", "")
+            attr, algorithm = self.onednn_act if activate else NO_POST_OP
             return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, attr, [], algorithm)
         if activate and getattr(lin, "fuses_activation", False):
             return lin(x, self.onednn_act)

@@ -144,7 +144,7 @@ class Engine:
         self.int8_min_cosine: float | None = None
         if self.backend == "int8":
             self._quantize()
-        if self.device.type == "cpu" and (encoder is None or self.model is not encoder):
+        if self.device.type == "cpu" and self.model is not encoder:
             pack_linears(self.model)  # only a model the engine owns: a caller's encoder may still train
 
     def _quantize(self) -> None:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoder import NO_POST_OP
+
 MIN_COSINE = 0.99
 
 # Mixed lengths, scripts and content: short queries, a long passage, numbers, non-Latin text.
@@ -132,6 +134,8 @@ class Int8Linear(nn.Module):
     ``s = input_max**alpha / weight_max**(1 - alpha)``, which moves outliers from x into W.
     """
 
+    fuses_activation = True
+
     def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None = None, alpha: float = SMOOTH_ALPHA,
                  kernel: str = "fbgemm"):
         super().__init__()
@@ -162,16 +166,14 @@ class Int8Linear(nn.Module):
             self._w_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
             self._bias = bias
 
-    fuses_activation = True
-
-    def forward(self, x: torch.Tensor, post_op: tuple[str, str] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, post_op: tuple[str, str] = NO_POST_OP) -> torch.Tensor:
         if self.inv_smooth is not None:
             x = x * self.inv_smooth.to(x.dtype)
         if self.kernel == "fbgemm" or x.shape[0] < ONEDNN_MIN_ROWS:
             y = torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm, _REDUCE_RANGE)
-            return _POST_OPS[post_op or ("none", "")](y).to(x.dtype)
+            return _POST_OPS[post_op](y).to(x.dtype)
         qx, scale, zero_point = _quantize_uint8(x)
-        attr, algorithm = post_op if post_op is not None else ("none", "")
+        attr, algorithm = post_op
         return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self._onednn, self._w_scales,
                                                   self._w_zero_points, self._bias, 1.0, 0, x.dtype, attr, [],
                                                   algorithm)
@@ -183,7 +185,7 @@ class Int8Linear(nn.Module):
 
 # oneDNN post-ops (attr, algorithm), as ``encoder.Layer.dense`` passes them, applied after fbgemm.
 _POST_OPS: dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]] = {
-    ("none", ""): lambda y: y,
+    NO_POST_OP: lambda y: y,
     ("gelu", "none"): F.gelu,
     ("gelu", "tanh"): lambda y: F.gelu(y, approximate="tanh"),
     ("relu", ""): F.relu,
@@ -248,8 +250,7 @@ def quantize_linears(model: nn.Module, calibrate: Callable[[nn.Module], object] 
     out = copy.deepcopy(model, memo)
     for full, linear in targets.items():
         parent, _, child = full.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child,
-                Int8Linear(linear, maxima.get(full), kernel=plan.kernel))
+        setattr(out.get_submodule(parent), child, Int8Linear(linear, maxima.get(full), kernel=plan.kernel))
     return out.eval()
 
 
