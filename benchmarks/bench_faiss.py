@@ -105,7 +105,7 @@ def main() -> None:
     m0 = rss_mb()
     t = time.perf_counter()
     del exact  # memory below = the HNSW Index's own float copy + FAISS's vectors and graph
-    hnsw = Index(dim=args.dim, metric="ip", backend="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+    hnsw = Index(dim=args.dim, metric="ip", kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
     hnsw.add(ids, embeddings=x)
     hnsw.search_vectors(q[:1], 1)  # builds the graph
     hnsw_build = time.perf_counter() - t
@@ -124,7 +124,7 @@ def main() -> None:
         del hnsw
         m0 = rss_mb()
         t = time.perf_counter()
-        ivf = Index(dim=args.dim, metric="ip", backend="ivfpq", pq_m=48)
+        ivf = Index(dim=args.dim, metric="ip", kind="ivfpq", pq_m=48)
         ivf.add(ids, embeddings=x)
         ivf.search_vectors(q[:1], 1)  # trains and fills the inverted lists
         build = time.perf_counter() - t

@@ -119,7 +119,7 @@ def test_quantized_storage_with_rescoring(storage, min_recall):
 ])
 def test_faiss_backends(data, backend, storage, kw, min_recall):
     x, q, ids = data
-    idx = Index(dim=48, backend=backend, storage=storage, **kw)
+    idx = Index(dim=48, kind=backend, storage=storage, **kw)
     idx.add(ids[:2000], embeddings=x[:2000])
     idx.search_vectors(q, 10)  # builds the FAISS index, then grows it
     idx.add(ids[2000:], embeddings=x[2000:])
@@ -137,7 +137,7 @@ def test_faiss_backends(data, backend, storage, kw, min_recall):
 def test_save_load_round_trip(tmp_path, data, backend, storage):
     x, q, ids = data
     kw = {"nlist": 8, "pq_m": 12} if backend == "ivfpq" else {}
-    idx = Index(dim=48, backend=backend, storage=storage, **kw)
+    idx = Index(dim=48, kind=backend, storage=storage, **kw)
     idx.add(ids, embeddings=x, metadata=[{"i": i, "tag": "é"} if i % 2 else None for i in range(len(ids))])
     idx.delete(["doc-3", "doc-10"])
     before = idx.search(q, k=10)
@@ -215,7 +215,7 @@ def test_bad_input_errors(data):
     assert len(idx) == 0  # failed adds add nothing
     with pytest.raises(ValueError, match="no model"):
         idx.search("a text query")
-    small = Index(dim=48, backend="ivfpq")
+    small = Index(dim=48, kind="ivfpq")
     small.add(ids[:10], embeddings=x[:10])
     with pytest.raises(ValueError, match="ivfpq needs at least"):
         small.search_vectors(x[:1], 3)

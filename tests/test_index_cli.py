@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from e5kit import E5, Index
 from e5kit.cli import main
-from e5kit.index_cli import Corpus, build_index
+from e5kit.index.build import Corpus, build_index
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = "the cell study gene cancer risk patients protein women day marathon mountain leaders government".split()
@@ -66,7 +66,7 @@ def test_build_formats_and_search(tmp_path, tiny_bert):
     for suffix in (".jsonl", ".csv", ".parquet"):
         corpus = write_corpus(tmp_path / f"corpus{suffix}", docs)
         out = tmp_path / f"ix{suffix}"
-        r = invoke("index", "build", str(corpus), "--out", str(out), "-m", str(tiny_bert), "--chunk-size", "16", *FIELDS)
+        r = invoke("index", "build", str(corpus), "--out", str(out), "-m", str(tiny_bert), "--part-size", "16", *FIELDS)
         assert r.exit_code == 0, r.output
         outs.append(out)
     assert_same_index(outs[0], outs[1])
@@ -94,18 +94,18 @@ def test_resume_after_exception_equals_uninterrupted(tmp_path, tiny_bert):
     corpus_path = write_corpus(tmp_path / "c.jsonl", make_docs(100))
     model = E5(str(tiny_bert))
     corpus = Corpus(corpus_path, id_field="doc_id", title_field="heading", text_field="body")
-    build_index(corpus, tmp_path / "full", model, chunk_size=16)
+    build_index(corpus, tmp_path / "full", model, part_size=16)
 
     def stop_after_two(chunk: int) -> None:
         if chunk == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_index(corpus, tmp_path / "resumed", model, chunk_size=16, on_chunk=stop_after_two)
+        build_index(corpus, tmp_path / "resumed", model, part_size=16, on_part=stop_after_two)
     assert not (tmp_path / "resumed" / "index.json").exists()
     assert len(list((tmp_path / "resumed" / ".build").glob("part-*.npz"))) == 3
     done = []
-    build_index(corpus, tmp_path / "resumed", model, chunk_size=16, on_chunk=done.append)
+    build_index(corpus, tmp_path / "resumed", model, part_size=16, on_part=done.append)
     assert done == [3, 4, 5, 6]  # only the missing chunks were embedded
     assert not (tmp_path / "resumed" / ".build").exists()
     assert_same_index(tmp_path / "full", tmp_path / "resumed")
@@ -113,7 +113,7 @@ def test_resume_after_exception_equals_uninterrupted(tmp_path, tiny_bert):
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_bert):
     corpus = write_corpus(tmp_path / "c.jsonl", make_docs(3000))
-    args = [sys.executable, "-m", "e5kit", "index", "build", str(corpus), "-m", str(tiny_bert), "--chunk-size", "25",
+    args = [sys.executable, "-m", "e5kit", "index", "build", str(corpus), "-m", str(tiny_bert), "--part-size", "25",
             *FIELDS]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     out = tmp_path / "killed"
@@ -127,7 +127,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_bert):
     assert not (out / "index.json").exists() and 3 <= parts < 120, "the build finished before it could be killed"
     r = subprocess.run(args + ["--out", str(out)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f"resuming: {parts} of 120 chunks" in r.stderr or "resuming:" in r.stderr
+    assert f"resuming: {parts} of 120 parts" in r.stderr or "resuming:" in r.stderr
     r = subprocess.run(args + ["--out", str(tmp_path / "clean")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert_same_index(tmp_path / "clean", out)
@@ -143,12 +143,12 @@ def test_changed_corpus_is_not_resumed(tmp_path, tiny_bert):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_index(corpus, tmp_path / "ix", model, chunk_size=10, on_chunk=stop)
+        build_index(corpus, tmp_path / "ix", model, part_size=10, on_part=stop)
     write_corpus(path, make_docs(50, seed=1))
-    r = invoke("index", "build", str(path), "--out", str(tmp_path / "ix"), "-m", str(tiny_bert), "--chunk-size", "10",
+    r = invoke("index", "build", str(path), "--out", str(tmp_path / "ix"), "-m", str(tiny_bert), "--part-size", "10",
                *FIELDS)
     assert r.exit_code != 0 and "interrupted build of a different corpus" in r.output
-    r = invoke("index", "build", str(path), "--out", str(tmp_path / "ix"), "-m", str(tiny_bert), "--chunk-size", "10",
+    r = invoke("index", "build", str(path), "--out", str(tmp_path / "ix"), "-m", str(tiny_bert), "--part-size", "10",
                "--force", *FIELDS)
     assert r.exit_code == 0, r.output
     assert len(Index.load(tmp_path / "ix")) == 50
@@ -181,3 +181,46 @@ def test_bad_corpus_and_index_errors(tmp_path, tiny_bert, tiny_xlmr):
     assert r.exit_code != 0 and "corrupt" in r.output and "Traceback" not in r.output
     r = invoke("search", str(tmp_path / "nowhere"), "cancer")
     assert r.exit_code != 0
+
+
+def test_option_errors_come_before_embedding_and_name_the_flags(tmp_path, tiny_bert):
+    corpus = write_corpus(tmp_path / "c.jsonl", make_docs(30))
+    out = tmp_path / "ix"
+    r = invoke("index", "build", str(corpus), "--out", str(out), "-m", str(tiny_bert), "--index-type", "ivfpq", *FIELDS)
+    assert r.exit_code != 0 and "--index-type ivfpq needs at least 256 vectors" in r.output
+    assert "the corpus gives 30" in r.output and "kind=" not in r.output
+    assert not out.exists() or not any(out.iterdir())  # nothing embedded, nothing staged
+    r = invoke("index", "build", str(corpus), "--out", str(out), "-m", str(tiny_bert), "--index-type", "hnsw",
+               "--storage", "binary", *FIELDS)
+    assert r.exit_code != 0 and "--storage" in r.output and "Traceback" not in r.output
+
+
+def test_old_chunk_size_flag_still_works(tmp_path, tiny_bert):
+    corpus = write_corpus(tmp_path / "c.jsonl", make_docs(20))
+    r = CliRunner().invoke(main, ["index", "build", str(corpus), "--out", str(tmp_path / "ix"), "-m", str(tiny_bert),
+                                  "--chunk-size", "7", *FIELDS])
+    assert r.exit_code == 0, r.output
+    assert "--chunk-size is now --part-size" in r.output and len(Index.load(tmp_path / "ix")) == 20
+    help_text = invoke("index", "build", "--help").output
+    assert "--part-size" in help_text and "--chunk-size" not in help_text
+
+
+def test_search_help_names_the_index_model_as_default():
+    out = " ".join(invoke("search", "--help").output.split())
+    assert "the model the index was built with" in out and "intfloat/" not in out
+
+
+def test_failed_save_leaves_no_orphan_files(tmp_path):
+    x = np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32)
+    good = Index(dim=16)
+    good.add([f"d{i}" for i in range(10)], embeddings=x)
+    good.save(tmp_path / "ix")
+    before = sorted(p.name for p in (tmp_path / "ix").iterdir())
+    bad = Index(dim=16, kind="ivfpq")  # cannot train on 10 vectors: fails after writing its first files
+    bad.add([f"d{i}" for i in range(10)], embeddings=x)
+    with pytest.raises(ValueError, match="ivfpq needs at least"):
+        bad.save(tmp_path / "ix")
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == before
+    assert Index.load(tmp_path / "ix").search(x[3], k=1)[0].id == "d3"
+    with pytest.warns(DeprecationWarning, match="kind="):
+        assert Index(dim=16, backend="hnsw").kind == "hnsw"

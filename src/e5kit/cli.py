@@ -15,8 +15,8 @@ from .models import DEFAULT_MODEL, REGISTRY
 # subcommand name -> "module:attribute" (a click command or group)
 LAZY_COMMANDS = {
     "serve": "e5kit.server.cli:serve",
-    "index": "e5kit.index_cli:index",
-    "search": "e5kit.index_cli:search",
+    "index": "e5kit.index.cli:index",
+    "search": "e5kit.index.cli:search",
     "eval": "e5kit.evaluate.cli:eval_command",
     "train": "e5kit.train.cli:train",
     "mine": "e5kit.train.cli:mine",
@@ -67,13 +67,15 @@ def models():
             click.echo("  ".join("-" * w for w in widths))
 
 
-def model_options(f=None, *, multiple: bool = False):
+def model_options(f=None, *, multiple: bool = False, model_default: str | None = DEFAULT_MODEL,
+                  model_help: str = "Hub id or local directory."):
     """--model / --device / --dtype / --backend / --threads, shared by every command that loads a model.
 
-    ``@model_options(multiple=True)`` makes --model repeatable (the command gets a tuple).
+    ``@model_options(multiple=True)`` makes --model repeatable (the command gets a tuple);
+    ``model_default=None`` with a ``model_help`` saying what None means lets a command choose.
     """
     if f is None:
-        return lambda g: model_options(g, multiple=multiple)
+        return lambda g: model_options(g, multiple=multiple, model_default=model_default, model_help=model_help)
     f = click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")(f)
     f = click.option("--backend", default="auto", show_default=True, help="auto, torch or int8.")(f)
     f = click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, bf16 on "
@@ -83,7 +85,8 @@ def model_options(f=None, *, multiple: bool = False):
         f = click.option("--model", "-m", multiple=True, default=(DEFAULT_MODEL,), show_default=True,
                          help="Hub id or local directory; repeat to load several models.")(f)
     else:
-        f = click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Hub id or local directory.")(f)
+        f = click.option("--model", "-m", default=model_default, show_default=model_default is not None,
+                         help=model_help)(f)
     return f
 
 

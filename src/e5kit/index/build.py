@@ -1,16 +1,15 @@
-"""``e5kit index build`` (resumable corpus indexing) and ``e5kit search``.
+"""Corpus files (jsonl / csv / parquet) and the resumable build of an index from one.
 
-A build embeds the corpus in fixed chunks of documents, in file order. Each finished chunk is
+A build embeds the corpus in fixed parts of documents, in file order. Each finished part is
 written crash-safely to ``OUT/.build/part-NNNNNN.npz``; a rerun after an interruption checks that
-the corpus and settings are unchanged, skips the finished chunks and carries on, so the final index
-has every id exactly once. The index itself is written only after the last chunk, and the staging
+the corpus and settings are unchanged, skips the finished parts and carries on, so the final index
+has every id exactly once. The index itself is written only after the last part, and the staging
 folder is removed after that.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -19,13 +18,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-import click
-
-from .cli import load_model, model_options
+from .core import Index, check_options
+from .faiss_backends import TooFewVectorsError, ivfpq_shape
+from .storage import MANIFEST, atomic_write, fingerprint, model_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import E5
-    from .index import Index
+    from ..api import E5
 
 FORMATS = ("jsonl", "csv", "parquet")
 STAGING = ".build"
@@ -99,7 +97,7 @@ class Corpus:
 
     def __iter__(self) -> Iterator[tuple[str, str, dict | None]]:
         """(id, document text as the E5 authors embed it: title + ' ' + text, metadata)."""
-        from .prompts import beir_document
+        from ..prompts import beir_document
 
         for where, rec in iter_records(self.path, self.fmt):
             id_field = self.id_field or ("_id" if "_id" in rec else "id")
@@ -119,15 +117,8 @@ class Corpus:
             yield str(doc_id), beir_document(title, text), (meta or None)
 
     def fingerprint(self) -> dict:
-        """What identifies this corpus file for resuming: size, and digests of its head and tail."""
-        size = self.path.stat().st_size
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-        return {"path": str(self.path.resolve()), "bytes": size, "sha256_head_tail": h.hexdigest()}
+        """What identifies this corpus file for resuming: its path and :func:`fingerprint`."""
+        return {"path": str(self.path.resolve()), "fingerprint": fingerprint([self.path])}
 
     def scan(self) -> int:
         """Check every record (ids present and unique, text present); returns the document count."""
@@ -142,7 +133,7 @@ class Corpus:
         return len(seen)
 
 
-def _chunks(corpus: Corpus, size: int) -> Iterator[list[tuple[str, str, dict | None]]]:
+def _parts(corpus: Corpus, size: int) -> Iterator[list[tuple[str, str, dict | None]]]:
     buf = []
     for doc in corpus:
         buf.append(doc)
@@ -155,8 +146,6 @@ def _chunks(corpus: Corpus, size: int) -> Iterator[list[tuple[str, str, dict | N
 
 def _write_part(path: Path, ids: list[str], meta: list, vectors) -> None:
     import numpy as np
-
-    from .index import atomic_write
 
     def write(f):
         np.savez(f, vectors=vectors, ids=np.array(ids, dtype=str),
@@ -177,18 +166,20 @@ def build_index(
     out: str | os.PathLike,
     model: "E5",
     *,
-    chunk_size: int = 1024,
+    part_size: int = 1024,
     batch_size: int = 32,
     max_batch_tokens: int = 16384,
     index_options: dict | None = None,
     progress: bool | None = None,
     force: bool = False,
-    on_chunk: Callable[[int], None] | None = None,
+    on_part: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda m: None,
-) -> "Index":
-    """Embed ``corpus`` into an index at ``out``, resuming an interrupted build of the same corpus."""
-    from .index import MANIFEST, Index, model_fingerprint
+) -> Index:
+    """Embed ``corpus`` into an index at ``out``, resuming an interrupted build of the same corpus.
 
+    ``part_size`` documents are embedded and staged at a time (the unit of resuming);
+    ``on_part(n)`` is called after part ``n`` is staged.
+    """
     out = Path(out)
     staging = out / STAGING
     index_options = dict(index_options or {})
@@ -197,11 +188,12 @@ def build_index(
         "fields": [corpus.fmt, corpus.id_field, corpus.title_field, corpus.text_field,
                    list(corpus.metadata_fields), corpus.store_text],
         "model": model.name, "model_fingerprint": model_fingerprint(model), "prompt_style": model.prompt_style,
-        "chunk_size": chunk_size, "index_options": index_options,
+        "part_size": part_size, "index_options": index_options,
     }
     if (out / MANIFEST).exists() and not staging.exists() and not force:
         raise CorpusError(f"{out} already holds a finished index; pass --force to rebuild it")
     n_docs = corpus.scan()  # a bad corpus fails here, before anything is written
+    check_index_options(index_options, n_docs, model.dim)  # and impossible index settings too
     if staging.exists():
         try:
             old = json.loads((staging / "state.json").read_text(encoding="utf-8"))
@@ -215,13 +207,11 @@ def build_index(
                                   f"and options to resume, or pass --force to start over")
             shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
-    from .index import atomic_write
-
     atomic_write(staging / "state.json", lambda f: f.write(json.dumps(state, indent=2).encode()))
-    for tmp in staging.glob(".*.tmp"):  # a chunk being written when the last run died
+    for tmp in staging.glob(".*.tmp"):  # a part being written when the last run died
         tmp.unlink()
 
-    n_chunks = (n_docs + chunk_size - 1) // chunk_size
+    n_parts = (n_docs + part_size - 1) // part_size
     done = set()
     for p in staging.glob("part-*.npz"):
         try:
@@ -232,9 +222,9 @@ def build_index(
         except Exception:  # noqa: BLE001 - any unreadable part is simply redone
             pass
         p.unlink()
-    docs_done = sum(min(chunk_size, n_docs - c * chunk_size) for c in done)
+    docs_done = sum(min(part_size, n_docs - c * part_size) for c in done)
     if done:
-        log(f"resuming: {len(done)} of {n_chunks} chunks ({docs_done} documents) already embedded")
+        log(f"resuming: {len(done)} of {n_parts} parts ({docs_done} documents) already embedded")
 
     bar = None
     if progress is None:
@@ -245,10 +235,10 @@ def build_index(
         bar = tqdm(total=n_docs, initial=docs_done, unit="doc", desc="indexing", dynamic_ncols=True)
     tokens, t0, truncated = 0, time.perf_counter(), 0
     try:
-        for c, chunk in enumerate(_chunks(corpus, chunk_size)):
+        for c, part in enumerate(_parts(corpus, part_size)):
             if c in done:
                 continue
-            ids, texts, meta = zip(*chunk)
+            ids, texts, meta = zip(*part)
             formatted = model.format(list(texts), "passage")
             tok = model.engine.tokenize(formatted, truncate=True)
             truncated += len(tok.truncated)
@@ -263,8 +253,8 @@ def build_index(
             vec = model.engine.embed_ids(tok.ids, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                                          normalize=True, on_batch=on_batch).numpy()
             _write_part(staging / f"part-{c:06d}.npz", list(ids), list(meta), vec)
-            if on_chunk is not None:
-                on_chunk(c)
+            if on_part is not None:
+                on_part(c)
     finally:
         if bar is not None:
             bar.close()
@@ -272,110 +262,22 @@ def build_index(
         log(f"warning: {truncated} document(s) longer than {model.max_tokens} tokens were truncated")
 
     index = Index(model, **index_options)
-    for c in range(n_chunks):
+    for c in range(n_parts):
         vec, ids, meta = _read_part(staging / f"part-{c:06d}.npz")
         index.add(ids, embeddings=vec, metadata=meta)
-    if len(index) != n_docs:  # pragma: no cover - guarded by the scan and the per-chunk ids
+    if len(index) != n_docs:  # pragma: no cover - guarded by the scan and the per-part ids
         raise CorpusError(f"assembled {len(index)} documents, expected {n_docs}; rerun to resume")
     index.save(out)
     shutil.rmtree(staging)
     return index
 
 
-# ---- click --------------------------------------------------------------------------------------
+def check_index_options(options: dict, n_vectors: int, dim: int) -> None:
+    """Raise ValueError now for index settings that could only fail after the corpus is embedded."""
+    check_options(options.get("kind", "exact"), options.get("storage", "float32"), options.get("metric", "cosine"))
+    if options.get("kind") == "ivfpq":
+        params = {"nlist": options.get("nlist"), "pq_m": options.get("pq_m"), "pq_bits": options.get("pq_bits", 8)}
+        ivfpq_shape(n_vectors, dim, params)
 
 
-@click.group("index")
-def index():
-    """Build a searchable index of a corpus."""
-
-
-@index.command("build")
-@click.argument("corpus", type=click.Path(dir_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
-@click.option("--format", "fmt", type=click.Choice(("auto",) + FORMATS), default="auto", show_default=True)
-@click.option("--id-field", default=None, help="Field holding the document id [default: _id if present, else id].")
-@click.option("--title-field", default="title", show_default=True, help="Field holding the title ('' for none).")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--metadata-field", "metadata_fields", multiple=True, help="Extra field to keep as metadata (repeatable).")
-@click.option("--no-store-text", is_flag=True, help="Do not keep title/text in the index's metadata.")
-@click.option("--index-type", "index_backend", type=click.Choice(["exact", "hnsw", "ivfpq"]), default="exact",
-              show_default=True, help="Search backend: exact, or FAISS hnsw / ivfpq (need faiss-cpu).")
-@click.option("--storage", type=click.Choice(["float32", "int8", "binary"]), default="float32", show_default=True,
-              help="Stored vector precision for the first search pass (rescored with float vectors).")
-@click.option("--chunk-size", default=1024, show_default=True, help="Documents per resumable chunk.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--force", is_flag=True, help="Rebuild from scratch, discarding an existing or interrupted build.")
-@model_options
-def build(corpus, out, fmt, id_field, title_field, text_field, metadata_fields, no_store_text, index_backend,
-          storage, chunk_size, batch_size, force, model, device, dtype, backend, threads):
-    """Embed CORPUS (jsonl, csv or parquet) into an index at --out. Rerun to resume after an interruption.
-
-    \b
-    e5kit index build corpus.jsonl --out my-index -m intfloat/e5-small-v2
-    e5kit index build docs.parquet --out my-index --id-field doc_id --text-field body --index-type hnsw
-    """
-    from .index import IndexFileError
-
-    if chunk_size < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--chunk-size")
-    try:
-        c = Corpus(corpus, fmt, id_field, title_field or None, text_field, metadata_fields, not no_store_text)
-        m = load_model(model, device, dtype, backend, threads)
-        idx = build_index(c, out, m, chunk_size=chunk_size, batch_size=batch_size,
-                          index_options={"backend": index_backend, "storage": storage}, force=force,
-                          log=lambda msg: click.echo(msg, err=True))
-    except (CorpusError, IndexFileError, ValueError) as e:
-        raise click.ClickException(str(e))
-    click.echo(f"indexed {len(idx)} documents ({idx.dim}-d, {index_backend}, {storage}) into {out}", err=True)
-
-
-@click.command("search")
-@click.argument("index_dir", type=click.Path(file_okay=False))
-@click.argument("queries", nargs=-1, required=True)
-@click.option("-k", "--top-k", "k", default=10, show_default=True)
-@click.option("--task", default=None, help="Task name or instruction for instruct models.")
-@click.option("--output-format", "--format", "output_format", type=click.Choice(["table", "jsonl"]), default="table",
-              show_default=True)
-@click.option("--ef-search", type=int, default=None, help="HNSW search breadth (recall vs speed).")
-@click.option("--nprobe", type=int, default=None, help="IVF lists to visit (recall vs speed).")
-@model_options
-def search(index_dir, queries, k, task, output_format, ef_search, nprobe, model, device, dtype, backend, threads):
-    """Search the index at INDEX_DIR for each of QUERIES (the model defaults to the index's own).
-
-    \b
-    e5kit search my-index "how much protein should a female eat" -k 5
-    """
-    from .index import Index, IndexFileError, IndexMismatchError, read_manifest
-
-    ctx = click.get_current_context()
-    try:
-        manifest = read_manifest(Path(index_dir))
-        if ctx.get_parameter_source("model") == click.core.ParameterSource.DEFAULT and manifest.get("model"):
-            model = manifest["model"]
-        m = load_model(model, device, dtype, backend, threads)
-        idx = Index.load(index_dir, m)
-        results = idx.search(list(queries), k=k, task=task, ef_search=ef_search, nprobe=nprobe)
-    except (IndexFileError, IndexMismatchError, ValueError) as e:
-        raise click.ClickException(str(e))
-    if output_format == "jsonl":
-        for q, hits in zip(queries, results):
-            for rank, h in enumerate(hits, 1):
-                click.echo(json.dumps({"query": q, "rank": rank, **h.as_dict()}, ensure_ascii=False))
-        return
-    width = shutil.get_terminal_size((120, 20)).columns
-    for q, hits in zip(queries, results):
-        click.echo(f"query: {q}")
-        rows = [("rank", "score", "id", "text")]
-        for rank, h in enumerate(hits, 1):
-            meta = h.metadata or {}
-            snippet = " ".join(str(x) for x in (meta.get("title"), meta.get("text")) if x)
-            rows.append((str(rank), f"{h.score:.4f}", h.id, snippet.replace("\n", " ")))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for j, r in enumerate(rows):
-            line = "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  "
-            line += r[3][: max(10, width - len(line) - 1)]
-            click.echo(line.rstrip())
-            if j == 0:
-                click.echo("  ".join("-" * w for w in widths + [4]))
-        click.echo("")
+__all__ = ["Corpus", "CorpusError", "build_index", "check_index_options", "TooFewVectorsError"]

@@ -1,0 +1,127 @@
+"""``e5kit index build`` (resumable corpus indexing) and ``e5kit search``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+
+from ..cli import load_model, model_options
+from .build import FORMATS, Corpus, CorpusError, build_index, check_index_options
+from .faiss_backends import TooFewVectorsError
+from .storage import IndexFileError
+
+
+@click.group("index")
+def index():
+    """Build a searchable index of a corpus."""
+
+
+def _deprecated_chunk_size(ctx, param, value):
+    if value is not None:
+        click.echo("warning: --chunk-size is now --part-size (documents per resumable part)", err=True)
+    return value
+
+
+@index.command("build")
+@click.argument("corpus", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@click.option("--format", "fmt", type=click.Choice(("auto",) + FORMATS), default="auto", show_default=True,
+              help="Corpus format (auto: from the file name).")
+@click.option("--id-field", default=None, help="Field holding the document id [default: _id if present, else id].")
+@click.option("--title-field", default="title", show_default=True, help="Field holding the title ('' for none).")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the document text.")
+@click.option("--metadata-field", "metadata_fields", multiple=True, help="Extra field to keep as metadata (repeatable).")
+@click.option("--no-store-text", is_flag=True, help="Do not keep title/text in the index's metadata.")
+@click.option("--index-type", "kind", type=click.Choice(["exact", "hnsw", "ivfpq"]), default="exact",
+              show_default=True, help="Search kind: exact, or FAISS hnsw / ivfpq (need faiss-cpu).")
+@click.option("--storage", type=click.Choice(["float32", "int8", "binary"]), default="float32", show_default=True,
+              help="Stored vector precision for the first search pass (rescored with float vectors).")
+@click.option("--part-size", type=int, default=1024, show_default=True,
+              help="Documents embedded and staged at a time (the unit of resuming).")
+@click.option("--chunk-size", "old_part_size", type=int, default=None, hidden=True, callback=_deprecated_chunk_size,
+              help="Deprecated name of --part-size.")
+@click.option("--batch-size", default=32, show_default=True, help="Texts per forward pass (at most).")
+@click.option("--force", is_flag=True, help="Rebuild from scratch, discarding an existing or interrupted build.")
+@model_options
+def build(corpus, out, fmt, id_field, title_field, text_field, metadata_fields, no_store_text, kind,
+          storage, part_size, old_part_size, batch_size, force, model, device, dtype, backend, threads):
+    """Embed CORPUS (jsonl, csv or parquet) into an index at --out. Rerun to resume after an interruption.
+
+    \b
+    e5kit index build corpus.jsonl --out my-index -m intfloat/e5-small-v2
+    e5kit index build docs.parquet --out my-index --id-field doc_id --text-field body --index-type hnsw
+    """
+    if old_part_size is not None:
+        part_size = old_part_size
+    if part_size < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--part-size")
+    options = {"kind": kind, "storage": storage}
+    try:
+        check_index_options(options, 1 << 62, 8)  # kind x storage, before loading anything
+    except ValueError as e:
+        raise click.UsageError(str(e).replace("kind", "--index-type").replace("storage=", "--storage "))
+    try:
+        c = Corpus(corpus, fmt, id_field, title_field or None, text_field, metadata_fields, not no_store_text)
+        m = load_model(model, device, dtype, backend, threads)
+        idx = build_index(c, out, m, part_size=part_size, batch_size=batch_size, index_options=options,
+                          force=force, log=lambda msg: click.echo(msg, err=True))
+    except TooFewVectorsError as e:
+        raise click.ClickException(f"--index-type ivfpq needs at least {e.needed} vectors to train its quantisers; "
+                                   f"the corpus gives {e.have}. Use --index-type exact or hnsw for a corpus this "
+                                   f"small")
+    except (CorpusError, IndexFileError, ValueError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"indexed {len(idx)} documents ({idx.dim}-d, {kind}, {storage}) into {out}", err=True)
+
+
+@click.command("search")
+@click.argument("index_dir", type=click.Path(file_okay=False))
+@click.argument("queries", nargs=-1, required=True)
+@click.option("-k", "--top-k", "k", default=10, show_default=True, help="Results per query.")
+@click.option("--task", default=None, help="Task name or instruction for instruct models.")
+@click.option("--output-format", "--format", "output_format", type=click.Choice(["table", "jsonl"]), default="table",
+              show_default=True)
+@click.option("--ef-search", type=int, default=None, help="HNSW search breadth (recall vs speed).")
+@click.option("--nprobe", type=int, default=None, help="IVF lists to visit (recall vs speed).")
+@model_options(model_default=None, model_help="Hub id or local directory [default: the model the index was built with].")
+def search(index_dir, queries, k, task, output_format, ef_search, nprobe, model, device, dtype, backend, threads):
+    """Search the index at INDEX_DIR for each of QUERIES (the model defaults to the index's own).
+
+    \b
+    e5kit search my-index "how much protein should a female eat" -k 5
+    """
+    from ..models import DEFAULT_MODEL
+    from .core import Index
+    from .storage import IndexMismatchError, read_manifest
+
+    try:
+        manifest = read_manifest(Path(index_dir))
+        m = load_model(model or manifest.get("model") or DEFAULT_MODEL, device, dtype, backend, threads)
+        idx = Index.load(index_dir, m)
+        results = idx.search(list(queries), k=k, task=task, ef_search=ef_search, nprobe=nprobe)
+    except (IndexFileError, IndexMismatchError, ValueError) as e:
+        raise click.ClickException(str(e))
+    if output_format == "jsonl":
+        for q, hits in zip(queries, results):
+            for rank, h in enumerate(hits, 1):
+                click.echo(json.dumps({"query": q, "rank": rank, **h.as_dict()}, ensure_ascii=False))
+        return
+    width = shutil.get_terminal_size((120, 20)).columns
+    for q, hits in zip(queries, results):
+        click.echo(f"query: {q}")
+        rows = [("rank", "score", "id", "text")]
+        for rank, h in enumerate(hits, 1):
+            meta = h.metadata or {}
+            snippet = " ".join(str(x) for x in (meta.get("title"), meta.get("text")) if x)
+            rows.append((str(rank), f"{h.score:.4f}", h.id, snippet.replace("\n", " ")))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for j, r in enumerate(rows):
+            line = "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  "
+            line += r[3][: max(10, width - len(line) - 1)]
+            click.echo(line.rstrip())
+            if j == 0:
+                click.echo("  ".join("-" * w for w in widths + [4]))
+        click.echo("")
