@@ -162,21 +162,43 @@ def read_texts(texts: tuple[str, ...], input_path: str | None, field: str) -> li
 @click.option("--precision", type=click.Choice(["float32", "int8", "uint8", "binary", "ubinary"]),
               default="float32", show_default=True)
 @click.option("--no-truncate", is_flag=True, help="Fail on inputs longer than the model's limit.")
+@click.option("--long", "long_mode", type=click.Choice(["truncate", "chunks", "mean"]), default="truncate",
+              show_default=True, help="Passages over the token limit: truncate them, split them into chunks (one "
+              "jsonl line per chunk, with its doc index and span), or embed the mean of their chunks.")
+@click.option("--chunk-overlap", type=int, default=64, show_default=True, help="With --long chunks/mean: tokens "
+              "shared by neighbouring chunks.")
 @model_options
 def embed(texts, input_path, field, input_type, task, output, batch_size, no_normalize, precision, no_truncate,
-          model, device, dtype, backend, threads):
+          long_mode, chunk_overlap, model, device, dtype, backend, threads):
     """Embed TEXTS (or --input / stdin) and write jsonl or .npy.
 
     \b
     e5kit embed "how much protein should a female eat"
     e5kit embed --type passage -i docs.jsonl -o docs.npy
+    e5kit embed --type passage --long chunks -i papers.jsonl -o chunks.jsonl
     """
     from .engine import InputTooLongError
 
+    if long_mode != "truncate" and input_type != "passage":
+        raise click.UsageError("--long chunks / mean is for passages: add --type passage")
+    if long_mode == "chunks" and output.endswith(".npy"):
+        raise click.UsageError("--long chunks writes jsonl (each chunk with its span); use -o FILE.jsonl")
     items = read_texts(texts, input_path, field)
     if not items:
         raise click.UsageError("no texts given (arguments, --input FILE or stdin)")
     m = load_model(model, device, dtype, backend, threads)
+    if long_mode != "truncate":
+        try:
+            emb = m.encode_passages(items, long=long_mode, chunk_overlap=chunk_overlap, batch_size=batch_size,
+                                    normalize_embeddings=not no_normalize, precision=precision)
+        except ValueError as e:
+            raise click.ClickException(str(e))
+        if long_mode == "chunks":
+            _write_jsonl(output, ({"doc": c.doc, "chunk": c.index, "span": list(c.span), "text": c.text,
+                                   "embedding": v.tolist()} for c, v in zip(emb.chunks, emb.vectors)))
+            return
+        _write_embeddings(output, items, emb)
+        return
     formatted = m.format(items, input_type, task)
     try:
         emb = m.encode(formatted, batch_size=batch_size, normalize_embeddings=not no_normalize,
@@ -185,16 +207,24 @@ def embed(texts, input_path, field, input_type, task, output, batch_size, no_nor
         raise click.ClickException(str(e))
     if m.last_truncated:
         click.echo(f"warning: {len(m.last_truncated)} input(s) truncated to {m.max_tokens} tokens", err=True)
+    _write_embeddings(output, items, emb)
+
+
+def _write_embeddings(output: str, items: list[str], emb) -> None:
     if output.endswith(".npy"):
         import numpy as np
 
         np.save(output, emb)
         click.echo(f"wrote {emb.shape[0]} x {emb.shape[1]} {emb.dtype} to {output}", err=True)
         return
+    _write_jsonl(output, ({"text": text, "embedding": vec.tolist()} for text, vec in zip(items, emb)))
+
+
+def _write_jsonl(output: str, rows) -> None:
     out = sys.stdout if output == "-" else open(output, "w", encoding="utf-8")
     try:
-        for text, vec in zip(items, emb):
-            out.write(json.dumps({"text": text, "embedding": vec.tolist()}, ensure_ascii=False) + "\n")
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

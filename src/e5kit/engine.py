@@ -211,6 +211,11 @@ class Engine:
             self._untruncated = tok
         return [len(e.ids) for e in self._untruncated.encode_batch(list(texts))]
 
+    def untruncated_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer without truncation or padding (offsets over long texts)."""
+        self.count_tokens([])
+        return self._untruncated
+
     def check_ids(self, seqs: Sequence[Sequence[int]], truncate: bool = True) -> Tokenized:
         """Validate caller-supplied token ids (vocabulary range, length) and cut them if allowed."""
         out, cut = [], []

@@ -16,9 +16,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
-from .core import Index, check_options
+from ..prompts import beir_document
+from .core import Index, check_options, chunk_rows
 from .faiss_backends import TooFewVectorsError, ivfpq_shape
 from .storage import MANIFEST, atomic_write, fingerprint, model_fingerprint
 
@@ -82,6 +83,18 @@ def iter_records(path: Path, fmt: str) -> Iterator[tuple[str, dict]]:
                 yield f"{path} row {n}", rec
 
 
+class Document(NamedTuple):
+    id: str
+    title: str | None
+    text: str
+    metadata: dict | None
+
+    @property
+    def embed_text(self) -> str:
+        """The document as the E5 authors embed it (before the prefix): title + ' ' + text."""
+        return beir_document(self.title, self.text)
+
+
 class Corpus:
     """A corpus file read as (id, title, text, metadata) documents."""
 
@@ -95,10 +108,7 @@ class Corpus:
         self.id_field, self.title_field, self.text_field = id_field, title_field, text_field
         self.metadata_fields, self.store_text = tuple(metadata_fields), store_text
 
-    def __iter__(self) -> Iterator[tuple[str, str, dict | None]]:
-        """(id, document text as the E5 authors embed it: title + ' ' + text, metadata)."""
-        from ..prompts import beir_document
-
+    def __iter__(self) -> Iterator[Document]:
         for where, rec in iter_records(self.path, self.fmt):
             id_field = self.id_field or ("_id" if "_id" in rec else "id")
             doc_id = rec.get(id_field)
@@ -114,7 +124,7 @@ class Corpus:
                 if title:
                     meta["title"] = title
                 meta["text"] = text
-            yield str(doc_id), beir_document(title, text), (meta or None)
+            yield Document(str(doc_id), title, text, meta or None)
 
     def fingerprint(self) -> dict:
         """What identifies this corpus file for resuming: its path and :func:`fingerprint`."""
@@ -123,7 +133,7 @@ class Corpus:
     def scan(self) -> int:
         """Check every record (ids present and unique, text present); returns the document count."""
         seen: dict[str, int] = {}
-        for n, (doc_id, _, _) in enumerate(self, 1):
+        for n, (doc_id, *_) in enumerate(self, 1):
             if doc_id in seen:
                 raise CorpusError(f"{self.path}: id {doc_id!r} appears twice (documents {seen[doc_id]} and {n}); "
                                   f"ids must be unique")
@@ -133,7 +143,7 @@ class Corpus:
         return len(seen)
 
 
-def _parts(corpus: Corpus, size: int) -> Iterator[list[tuple[str, str, dict | None]]]:
+def _parts(corpus: Corpus, size: int) -> Iterator[list[Document]]:
     buf = []
     for doc in corpus:
         buf.append(doc)
@@ -172,13 +182,16 @@ def build_index(
     index_options: dict | None = None,
     progress: bool | None = None,
     force: bool = False,
+    chunk_overlap: int | None = None,
     on_part: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> Index:
     """Embed ``corpus`` into an index at ``out``, resuming an interrupted build of the same corpus.
 
     ``part_size`` documents are embedded and staged at a time (the unit of resuming);
-    ``on_part(n)`` is called after part ``n`` is staged.
+    ``on_part(n)`` is called after part ``n`` is staged. ``chunk_overlap``: index every document
+    whole as chunks (:func:`e5kit.chunk`, title on each chunk, this many tokens of overlap) in a
+    chunked index, instead of truncating documents longer than the model reads.
     """
     out = Path(out)
     staging = out / STAGING
@@ -188,12 +201,13 @@ def build_index(
         "fields": [corpus.fmt, corpus.id_field, corpus.title_field, corpus.text_field,
                    list(corpus.metadata_fields), corpus.store_text],
         "model": model.name, "model_fingerprint": model_fingerprint(model), "prompt_style": model.prompt_style,
-        "part_size": part_size, "index_options": index_options,
+        "part_size": part_size, "index_options": index_options, "chunk_overlap": chunk_overlap,
     }
     if (out / MANIFEST).exists() and not staging.exists() and not force:
         raise CorpusError(f"{out} already holds a finished index; pass --force to rebuild it")
     n_docs = corpus.scan()  # a bad corpus fails here, before anything is written
-    check_index_options(index_options, n_docs, model.dim)  # and impossible index settings too
+    # impossible index settings fail here too (a chunked index's vector count is known only once chunked)
+    check_index_options(index_options, n_docs if chunk_overlap is None else None, model.dim)
     if staging.exists():
         try:
             old = json.loads((staging / "state.json").read_text(encoding="utf-8"))
@@ -233,49 +247,73 @@ def build_index(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_docs, initial=docs_done, unit="doc", desc="indexing", dynamic_ncols=True)
-    tokens, t0, truncated = 0, time.perf_counter(), 0
+    from ..pipeline import finish
+
+    tokens, t0, truncated, docs_per_input, shown = 0, time.perf_counter(), 0, 1.0, float(docs_done)
+
+    def on_batch(n: int, ntok: int) -> None:
+        nonlocal tokens, shown
+        tokens += ntok
+        if bar is not None:  # inputs are chunks with --chunk: advance by the documents they make up
+            shown += n * docs_per_input
+            bar.update(int(round(shown)) - bar.n)
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+
     try:
         for c, part in enumerate(_parts(corpus, part_size)):
             if c in done:
                 continue
-            ids, texts, meta = zip(*part)
-            formatted = model.format(list(texts), "passage")
-            tok = model.engine.tokenize(formatted, truncate=True)
-            truncated += len(tok.truncated)
-
-            def on_batch(n: int, ntok: int) -> None:
-                nonlocal tokens
-                tokens += ntok
-                if bar is not None:
-                    bar.update(n)
-                    bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-
-            vec = model.engine.embed_ids(tok.ids, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                         normalize=True, on_batch=on_batch).numpy()
-            _write_part(staging / f"part-{c:06d}.npz", list(ids), list(meta), vec)
+            if chunk_overlap is None:
+                ids, meta = [d.id for d in part], [d.metadata for d in part]
+                prepared = model.prepare([d.embed_text for d in part], "passage", truncate=True)
+                truncated += len(prepared.truncated)
+            else:
+                ids, meta, texts = _chunk_part(part, model, chunk_overlap)
+                prepared = model.prepare(texts, "passage", truncate=False)  # chunks always fit
+            docs_per_input = len(part) / len(prepared)
+            vec = finish(model.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                     on_batch=on_batch))
+            _write_part(staging / f"part-{c:06d}.npz", ids, meta, vec)
             if on_part is not None:
                 on_part(c)
     finally:
         if bar is not None:
             bar.close()
     if truncated:
-        log(f"warning: {truncated} document(s) longer than {model.max_tokens} tokens were truncated")
+        log(f"warning: {truncated} document(s) longer than {model.max_tokens} tokens were truncated "
+            f"(--chunk indexes them whole)")
 
-    index = Index(model, **index_options)
+    index = Index(model, chunked=chunk_overlap is not None, **index_options)
     for c in range(n_parts):
         vec, ids, meta = _read_part(staging / f"part-{c:06d}.npz")
         index.add(ids, embeddings=vec, metadata=meta)
-    if len(index) != n_docs:  # pragma: no cover - guarded by the scan and the per-part ids
-        raise CorpusError(f"assembled {len(index)} documents, expected {n_docs}; rerun to resume")
+    n_indexed = len(index.documents()) if index.chunked else len(index)
+    if n_indexed != n_docs:  # pragma: no cover - guarded by the scan and the per-part ids
+        raise CorpusError(f"assembled {n_indexed} documents, expected {n_docs}; rerun to resume")
     index.save(out)
     shutil.rmtree(staging)
     return index
 
 
-def check_index_options(options: dict, n_vectors: int, dim: int) -> None:
-    """Raise ValueError now for index settings that could only fail after the corpus is embedded."""
+def _chunk_part(part: list[Document], model: "E5", overlap: int) -> tuple[list[str], list[dict], list[str]]:
+    """Row ids, row metadata and chunk texts of a part's documents, split into chunks."""
+    from ..chunking import chunk
+
+    per_doc = chunk([d.text for d in part], model, overlap=overlap, titles=[d.title for d in part])
+    ids, meta, texts = [], [], []
+    for d, chunks in zip(part, per_doc):
+        r_ids, r_meta = chunk_rows(d.id, d.text, chunks, d.metadata)
+        ids += r_ids
+        meta += r_meta
+        texts += [c.text for c in chunks]
+    return ids, meta, texts
+
+
+def check_index_options(options: dict, n_vectors: int | None, dim: int) -> None:
+    """Raise ValueError now for index settings that could only fail after the corpus is embedded
+    (``n_vectors``: how many the index will hold, None if not known yet)."""
     check_options(options.get("kind", "exact"), options.get("storage", "float32"), options.get("metric", "cosine"))
-    if options.get("kind") == "ivfpq":
+    if options.get("kind") == "ivfpq" and n_vectors is not None:
         params = {"nlist": options.get("nlist"), "pq_m": options.get("pq_m"), "pq_bits": options.get("pq_bits", 8)}
         ivfpq_shape(n_vectors, dim, params)
 

@@ -43,38 +43,48 @@ def _deprecated_chunk_size(ctx, param, value):
               help="Documents embedded and staged at a time (the unit of resuming).")
 @click.option("--chunk-size", "old_part_size", type=int, default=None, hidden=True, callback=_deprecated_chunk_size,
               help="Deprecated name of --part-size.")
+@click.option("--chunk", is_flag=True, help="Index long documents whole, as chunks that fit the model (search "
+              "ranks documents by their best chunk) instead of truncating them.")
+@click.option("--chunk-overlap", type=int, default=64, show_default=True, help="With --chunk: tokens shared by "
+              "neighbouring chunks.")
 @click.option("--batch-size", default=32, show_default=True, help="Texts per forward pass (at most).")
 @click.option("--force", is_flag=True, help="Rebuild from scratch, discarding an existing or interrupted build.")
 @model_options
 def build(corpus, out, fmt, id_field, title_field, text_field, metadata_fields, no_store_text, kind,
-          storage, part_size, old_part_size, batch_size, force, model, device, dtype, backend, threads):
+          storage, part_size, old_part_size, chunk, chunk_overlap, batch_size, force, model, device, dtype, backend,
+          threads):
     """Embed CORPUS (jsonl, csv or parquet) into an index at --out. Rerun to resume after an interruption.
 
     \b
     e5kit index build corpus.jsonl --out my-index -m intfloat/e5-small-v2
     e5kit index build docs.parquet --out my-index --id-field doc_id --text-field body --index-type hnsw
+    e5kit index build papers.jsonl --out papers-index --chunk
     """
     if old_part_size is not None:
         part_size = old_part_size
     if part_size < 1:
         raise click.BadParameter("must be at least 1", param_hint="--part-size")
+    if chunk_overlap < 0:
+        raise click.BadParameter("must be at least 0", param_hint="--chunk-overlap")
     options = {"kind": kind, "storage": storage}
     try:
-        check_index_options(options, 1 << 62, 8)  # kind x storage, before loading anything
+        check_index_options(options, None, 8)  # kind x storage, before loading anything
     except ValueError as e:
         raise click.UsageError(str(e).replace("kind", "--index-type").replace("storage=", "--storage "))
     try:
         c = Corpus(corpus, fmt, id_field, title_field or None, text_field, metadata_fields, not no_store_text)
         m = load_model(model, device, dtype, backend, threads)
         idx = build_index(c, out, m, part_size=part_size, batch_size=batch_size, index_options=options,
-                          force=force, log=lambda msg: click.echo(msg, err=True))
+                          force=force, chunk_overlap=chunk_overlap if chunk else None,
+                          log=lambda msg: click.echo(msg, err=True))
     except TooFewVectorsError as e:
         raise click.ClickException(f"--index-type ivfpq needs at least {e.needed} vectors to train its quantisers; "
                                    f"the corpus gives {e.have}. Use --index-type exact or hnsw for a corpus this "
                                    f"small")
     except (CorpusError, IndexFileError, ValueError) as e:
         raise click.ClickException(str(e))
-    click.echo(f"indexed {len(idx)} documents ({idx.dim}-d, {kind}, {storage}) into {out}", err=True)
+    what = f"{len(idx.documents())} documents in {len(idx)} chunks" if chunk else f"{len(idx)} documents"
+    click.echo(f"indexed {what} ({idx.dim}-d, {kind}, {storage}) into {out}", err=True)
 
 
 @click.command("search")
@@ -86,8 +96,12 @@ def build(corpus, out, fmt, id_field, title_field, text_field, metadata_fields, 
               show_default=True)
 @click.option("--ef-search", type=int, default=None, help="HNSW search breadth (recall vs speed).")
 @click.option("--nprobe", type=int, default=None, help="IVF lists to visit (recall vs speed).")
+@click.option("--aggregate", type=click.Choice(["max", "sum", "mean"]), default="max", show_default=True,
+              help="Index of chunks: score a document by its best chunk (max) or the sum / mean of its best chunks.")
+@click.option("--top-chunks", type=int, default=3, show_default=True, help="Chunks summed / averaged by --aggregate.")
 @model_options(model_default=None, model_help="Hub id or local directory [default: the model the index was built with].")
-def search(index_dir, queries, k, task, output_format, ef_search, nprobe, model, device, dtype, backend, threads):
+def search(index_dir, queries, k, task, output_format, ef_search, nprobe, aggregate, top_chunks, model, device, dtype,
+           backend, threads):
     """Search the index at INDEX_DIR for each of QUERIES (the model defaults to the index's own).
 
     \b
@@ -101,7 +115,8 @@ def search(index_dir, queries, k, task, output_format, ef_search, nprobe, model,
         manifest = read_manifest(Path(index_dir))
         m = load_model(model or manifest.get("model") or DEFAULT_MODEL, device, dtype, backend, threads)
         idx = Index.load(index_dir, m)
-        results = idx.search(list(queries), k=k, task=task, ef_search=ef_search, nprobe=nprobe)
+        results = idx.search(list(queries), k=k, task=task, ef_search=ef_search, nprobe=nprobe, aggregate=aggregate,
+                             top_chunks=top_chunks)
     except (IndexFileError, IndexMismatchError, ValueError) as e:
         raise click.ClickException(str(e))
     if output_format == "jsonl":
@@ -115,7 +130,7 @@ def search(index_dir, queries, k, task, output_format, ef_search, nprobe, model,
         rows = [("rank", "score", "id", "text")]
         for rank, h in enumerate(hits, 1):
             meta = h.metadata or {}
-            snippet = " ".join(str(x) for x in (meta.get("title"), meta.get("text")) if x)
+            snippet = " ".join(str(x) for x in (meta.get("title"), h.highlight or meta.get("text")) if x)
             rows.append((str(rank), f"{h.score:.4f}", h.id, snippet.replace("\n", " ")))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for j, r in enumerate(rows):

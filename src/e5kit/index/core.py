@@ -18,25 +18,52 @@ from .storage import (GenerationReader, GenerationWriter, IndexFileError, IndexM
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..api import E5
+    from ..chunking import ChunkedEmbeddings
 
 KINDS = ("exact", "hnsw", "ivfpq")
 STORAGES = ("float32", "int8", "binary")
 METRICS = ("cosine", "ip")
 
 
+AGGREGATES = ("max", "sum", "mean")
+DOC, SPAN = "_doc", "_span"  # metadata keys of chunk rows: the document id and the character span
+
+
 @dataclass(frozen=True)
 class Hit:
-    """One search result."""
+    """One search result. From an index of chunks: the document, its best chunk's ``span`` in the
+    document text and that chunk's text as ``highlight`` (when the index keeps text)."""
 
     id: str
     score: float
     metadata: dict | None = None
+    span: tuple[int, int] | None = None
+    highlight: str | None = None
 
     def as_dict(self) -> dict:
         d = {"id": self.id, "score": self.score}
         if self.metadata is not None:
             d["metadata"] = self.metadata
+        if self.span is not None:
+            d["span"] = list(self.span)
+        if self.highlight is not None:
+            d["highlight"] = self.highlight
         return d
+
+
+def chunk_rows(doc_id: str, text: str, chunks: Sequence, metadata: dict | None) -> tuple[list[str], list[dict]]:
+    """Row ids and metadata for the chunks of one document: ``doc#n``, the document's metadata
+    (its ``text``, when kept, replaced by the chunk's part of ``text``), the document id and the span."""
+    meta = dict(metadata or {})
+    had_text = meta.pop("text", None) is not None
+    ids, metas = [], []
+    for n, c in enumerate(chunks):
+        m = {**meta, DOC: doc_id, SPAN: list(c.span)}
+        if had_text:
+            m["text"] = text[c.span[0]:c.span[1]]
+        ids.append(f"{doc_id}#{n}")
+        metas.append(m)
+    return ids, metas
 
 
 def _load_model(model):
@@ -62,6 +89,10 @@ class Index:
     ``k x rescore_multiplier`` candidates rescored with the float vectors.
     ``metric="cosine"`` L2-normalises stored and query vectors (E5's similarity); ``"ip"`` uses them
     as given. (``backend=`` is the old name of ``kind=``.)
+
+    ``chunked=True``: an index of long documents split into chunks (:meth:`add_documents`); each
+    row is a chunk, and :meth:`search` ranks documents by their best chunk (MaxP) or by the sum or
+    mean of their best chunks, with the best chunk's span as the highlight.
     """
 
     def __init__(
@@ -82,6 +113,7 @@ class Index:
         rescore: bool = True,
         rescore_multiplier: int = 4,
         chunk_rows: int = 65536,
+        chunked: bool = False,
         backend: str | None = None,
     ):
         if backend is not None:
@@ -108,6 +140,8 @@ class Index:
                                            nlist=nlist, pq_m=pq_m, pq_bits=pq_bits, nprobe=nprobe,
                                            rescore=rescore, rescore_multiplier=rescore_multiplier)
         self.chunk_rows = int(chunk_rows)
+        self.chunked = bool(chunked)
+        self._docs: dict[str, list[int]] | None = None  # chunked: document id -> its live rows
         self.model_name: str | None = model.name if model is not None else None
         self.model_fingerprint: str | None = model_fingerprint(model) if model is not None else None
         self._ids: list[str] = []
@@ -186,7 +220,7 @@ class Index:
         self._meta.extend(metadata if metadata is not None else [None] * len(ids))
         self._deleted = np.concatenate([self._deleted, np.zeros(len(ids), dtype=bool)])
         self._pending.append(emb)
-        self._codes = None
+        self._codes, self._docs = None, None
         if self.kind == "ivfpq" or (self.kind == "hnsw" and self.storage == "int8"):
             self._faiss, self._faiss_rows = None, 0  # trained quantisers are refit on the grown data
 
@@ -208,6 +242,7 @@ class Index:
                 self._deleted[row] = True
                 self._meta[row] = None
                 removed += 1
+        self._docs = None
         return removed  # codes and FAISS entries of deleted rows stay; searches mask them out
 
     def compact(self) -> None:
@@ -221,8 +256,71 @@ class Index:
         self._row = {i: n for n, i in enumerate(self._ids)}
         self._deleted = np.zeros(len(self._ids), dtype=bool)
         self._vectors, self._pending = vectors, []
-        self._codes = self._ranges = None
+        self._codes = self._ranges = self._docs = None
         self._faiss, self._faiss_rows = None, 0
+
+    # ---- documents in chunks -----------------------------------------------------------------
+
+    def add_documents(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        *,
+        titles: Sequence[str | None] | None = None,
+        metadata: Sequence[dict | None] | None = None,
+        overlap: int = 64,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        chunks: "ChunkedEmbeddings | None" = None,
+    ) -> None:
+        """Add documents of any length to a chunked index: each is split with :func:`e5kit.chunk`
+        (``titles`` repeated on every chunk, ``overlap`` tokens between chunks) and every chunk is
+        embedded whole. Metadata is kept on every chunk, with the document id and the chunk's span.
+        ``chunks``: the texts' chunk embeddings already made (``encode_passages(texts, long="chunks")``)."""
+        from ..chunking import encode_long
+
+        if not self.chunked:
+            raise ValueError("add_documents() needs an index of chunks: Index(model, chunked=True)")
+        ids, texts = list(ids), list(texts)
+        if len(texts) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
+        self._check_new_ids(ids)
+        known = [i for i in ids if i in self.documents()]
+        if known:
+            raise ValueError(f"{len(known)} document(s) already in the index, e.g. {known[:3]}")
+        metadata = _check_metadata(metadata, len(ids)) or [None] * len(ids)
+        emb = chunks if chunks is not None else encode_long(
+            self._require_model(), texts, "chunks", overlap=overlap, titles=titles, batch_size=batch_size,
+            show_progress_bar=show_progress_bar)
+        per_doc: list[list] = [[] for _ in ids]
+        for c in emb.chunks:
+            per_doc[c.doc].append(c)
+        row_ids, row_meta = [], []
+        for doc_id, text, chunks, meta in zip(ids, texts, per_doc, metadata):
+            r_ids, r_meta = chunk_rows(doc_id, text, chunks, meta)
+            row_ids += r_ids
+            row_meta += r_meta
+        self.add(row_ids, embeddings=emb.vectors, metadata=row_meta)
+
+    def documents(self) -> dict[str, list[int]]:
+        """Chunked index: every live document id and the rows of its chunks."""
+        if self._docs is None:
+            docs: dict[str, list[int]] = {}
+            for row, (m, dead) in enumerate(zip(self._meta, self._deleted)):
+                if not dead and m is not None and DOC in m:
+                    docs.setdefault(m[DOC], []).append(row)
+            self._docs = docs
+        return self._docs
+
+    def delete_documents(self, ids: Iterable[str], missing_ok: bool = False) -> int:
+        """Chunked index: remove documents with all their chunks; returns how many documents."""
+        ids, docs = list(ids), self.documents()
+        missing = [i for i in ids if i not in docs]
+        if missing and not missing_ok:
+            raise KeyError(f"{len(missing)} document(s) not in the index, e.g. {missing[:3]}")
+        rows = [r for i in ids for r in docs.get(i, [])]
+        self.delete([self._ids[r] for r in rows])
+        return len(ids) - len(missing)
 
     # ---- search ------------------------------------------------------------------------------
 
@@ -235,12 +333,16 @@ class Index:
         ef_search: int | None = None,
         nprobe: int | None = None,
         batch_size: int = 32,
+        aggregate: str = "max",
+        top_chunks: int = 3,
     ) -> list[Hit] | list[list[Hit]]:
-        """The ``k`` best passages for each query, best first.
+        """The ``k`` best passages (chunked index: documents) for each query, best first.
 
         Text queries are embedded with the model's query convention (``task`` selects the
         instruction of instruct models); a 2-d array is used as query vectors. A single string or
-        1-d vector gives one list of hits, otherwise one list per query.
+        1-d vector gives one list of hits, otherwise one list per query. A chunked index scores a
+        document by its best chunk (``aggregate="max"``, MaxP) or by the sum / mean of its best
+        ``top_chunks`` chunks.
         """
         single = isinstance(queries, str) or (isinstance(queries, np.ndarray) and queries.ndim == 1)
         if not isinstance(queries, (str, np.ndarray)):
@@ -251,6 +353,9 @@ class Index:
             q = self._require_model().encode_queries(queries, task=task, batch_size=batch_size)
         else:
             q = queries
+        if self.chunked:
+            out = self._search_documents(q, k, aggregate, top_chunks, ef_search, nprobe)
+            return out[0] if single else out
         scores, rows = self.search_vectors(q, k, ef_search=ef_search, nprobe=nprobe)
         out = [[Hit(self._ids[r], float(s), self._meta[r]) for s, r in zip(srow, rrow) if r >= 0]
                for srow, rrow in zip(scores, rows)]
@@ -288,6 +393,45 @@ class Index:
             return s[:, :k_eff], r[:, :k_eff]
         return rescore(q, vectors, s, r, k_eff)
 
+    def _search_documents(self, queries, k: int, aggregate: str, top_chunks: int, ef_search, nprobe) -> list[list[Hit]]:
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, not {aggregate!r}")
+        if top_chunks < 1:
+            raise ValueError("top_chunks must be at least 1")
+        q = self._prepare(queries, "queries")
+        docs = self.documents()
+        k = min(k, len(docs))
+        if k < 1:
+            return [[] for _ in q]
+        # Enough best chunks to see k distinct documents: then the top k by best chunk are exact.
+        depth = min(len(self), max(4 * k, k + 16))
+        while True:
+            scores, rows = self.search_vectors(q, depth, ef_search=ef_search, nprobe=nprobe)
+            seen = [len({self._meta[r][DOC] for r in row if r >= 0}) for row in rows]
+            if min(seen) >= k or depth >= len(self):
+                break
+            depth = min(len(self), depth * 4)
+        vectors = self._all_vectors()
+        out = []
+        for qi, (srow, rrow) in enumerate(zip(scores, rows)):
+            best: dict[str, tuple[float, int]] = {}  # document -> (score, row of its best chunk)
+            for s, r in zip(srow, rrow):
+                if r >= 0 and self._meta[r][DOC] not in best:
+                    best[self._meta[r][DOC]] = (float(s), int(r))
+            if aggregate != "max":  # exact over all chunks of every candidate document
+                for d in best:
+                    own = np.asarray(docs[d])
+                    sc = np.sort(np.asarray(vectors[own], dtype=np.float32) @ q[qi])[::-1][:top_chunks]
+                    best[d] = (float(sc.sum() if aggregate == "sum" else sc.mean()), best[d][1])
+            ranked = sorted(best.items(), key=lambda item: -item[1][0])[:k]  # stable: ties keep chunk order
+            out.append([self._document_hit(d, s, r) for d, (s, r) in ranked])
+        return out
+
+    def _document_hit(self, doc: str, score: float, row: int) -> Hit:
+        m = self._meta[row]
+        meta = {key: v for key, v in m.items() if key not in (DOC, SPAN, "text")}
+        return Hit(doc, score, meta or None, tuple(m[SPAN]), m.get("text"))
+
     def row_ids(self) -> list[str]:
         """Id of every stored row (deleted rows included), as numbered by :meth:`search_vectors`."""
         return self._ids
@@ -318,7 +462,7 @@ class Index:
                 "prompt_style": self.model.prompt_style if self.model is not None else None,
                 "dim": self.dim, "count": len(self._ids), "live": len(self),
                 "backend": self.kind,  # the manifest's historical key for the kind
-                "storage": self.storage, "metric": self.metric, "params": self.params,
+                "storage": self.storage, "metric": self.metric, "params": self.params, "chunked": self.chunked,
             })
         return out.path
 
@@ -344,7 +488,7 @@ class Index:
             check_model(manifest, model, path)
         try:
             idx = cls(model, dim=manifest["dim"], kind=manifest["backend"], storage=manifest["storage"],
-                      metric=manifest["metric"], **manifest["params"])
+                      metric=manifest["metric"], chunked=manifest.get("chunked", False), **manifest["params"])
         except (TypeError, ValueError) as e:
             raise IndexFileError(f"{path / 'index.json'} holds settings this e5kit cannot use ({e})") from e
         idx.model_name, idx.model_fingerprint = manifest["model"], manifest.get("model_fingerprint")
