@@ -32,7 +32,7 @@ class E5:
 
     ``device``: "cpu", "cuda", "cuda:1" or None (CUDA when available). ``dtype``: "float32",
     "float16", "bfloat16" or None (float32 on CPU, bf16/fp16 on CUDA); on CPUs with AMX, "bfloat16"
-    is ~3x faster than float32 at per-text cosine >= 0.9999. ``backend``: "auto" (the exact path for
+    is much faster than float32 at per-text cosine >= 0.9999 (docs/speed.md). ``backend``: "auto" (the exact path for
     the device: fp32 on CPU, bf16/fp16 on CUDA), "torch" (the same, explicitly) or "int8" (CPU only:
     int8 linear layers, per-text cosine to fp32 >= 0.99; see docs/speed.md). ``threads``: CPU
     threads, set process-wide for torch (default: torch's setting is left as it is).
