@@ -182,8 +182,9 @@ def test_index_build_chunk_and_search(tmp_path, bert):
     docs = [{"_id": f"d{i}", "title": f"title {i}", "text": prose(30 + 40 * (i % 3), seed=i)} for i in range(12)]
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    r = CliRunner().invoke(main, ["index", "build", str(corpus), "--out", str(tmp_path / "ix"), "-m", str(bert.engine.checkpoint.path),
-                                  "--chunk", "--chunk-overlap", "16", "--part-size", "5"])
+    r = CliRunner().invoke(main, ["index", "build", str(corpus), "--out", str(tmp_path / "ix"),
+                                  "-m", str(bert.engine.checkpoint.path), "--chunk", "--chunk-overlap", "16",
+                                  "--part-size", "5"])
     assert r.exit_code == 0, r.output
     assert "documents in" in r.output and "truncated" not in r.output
     idx = Index.load(tmp_path / "ix", bert)
