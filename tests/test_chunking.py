@@ -172,6 +172,8 @@ def test_index_of_chunks_ranks_documents(tmp_path, bert):
     assert best.id not in [h.id for h in loaded.search(query, k=8)] and len(loaded.documents()) == 7
     with pytest.raises(ValueError, match="already in the index"):
         idx.add_documents([ids[0]], ["again"])
+    with pytest.raises(ValueError, match="add_documents"):
+        idx.add(["plain"], embeddings=q[None, :])
 
 
 def test_index_build_chunk_and_search(tmp_path, bert):

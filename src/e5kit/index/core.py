@@ -203,6 +203,8 @@ class Index:
             raise ValueError("give either texts or embeddings")
         self._check_new_ids(ids)
         metadata = _check_metadata(metadata, len(ids))
+        if self.chunked and (metadata is None or any(m is None or DOC not in m or SPAN not in m for m in metadata)):
+            raise ValueError("an index of chunks takes documents through add_documents()")
         if texts is not None:
             texts = list(texts)
             if len(texts) != len(ids):
