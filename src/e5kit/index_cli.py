@@ -348,13 +348,16 @@ def search(index_dir, queries, k, task, output_format, ef_search, nprobe, model,
     """
     from .index import Index, IndexFileError, IndexMismatchError, read_manifest
 
+    from .stores import is_store_uri, open_store
+
     ctx = click.get_current_context()
     try:
-        manifest = read_manifest(Path(index_dir))
+        store = open_store(index_dir) if is_store_uri(index_dir) else None  # pgvector / LanceDB (e5kit.stores)
+        manifest = store.info if store is not None else read_manifest(Path(index_dir))
         if ctx.get_parameter_source("model") == click.core.ParameterSource.DEFAULT and manifest.get("model"):
             model = manifest["model"]
         m = load_model(model, device, dtype, backend, threads)
-        idx = Index.load(index_dir, m)
+        idx = store.with_model(m) if store is not None else Index.load(index_dir, m)
         results = idx.search(list(queries), k=k, task=task, ef_search=ef_search, nprobe=nprobe)
     except (IndexFileError, IndexMismatchError, ValueError) as e:
         raise click.ClickException(str(e))
