@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict
@@ -98,17 +99,18 @@ def _write_json(fs, path: str, obj: dict) -> None:
 
 
 def _user_error(e: BaseException) -> CorpusInputError | None:
-    """The CorpusInputError an actor raised, found inside Ray's wrappers."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, CorpusInputError):
-            return CorpusInputError(*cause.args)
-        if isinstance(e, CorpusInputError) and type(e) is CorpusInputError:
-            return e
-        e = cause if isinstance(cause, BaseException) else e.__cause__
-    return None
+    """The CorpusInputError an actor raised, found inside Ray's wrappers (or in their message)."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x) is CorpusInputError:
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    found = re.findall(r"CorpusInputError: (.+)", str(e))
+    return CorpusInputError(found[-1].strip()) if found else None
 
 
 def check_unique(fs, root: str, specs: list[ShardSpec]) -> int:
