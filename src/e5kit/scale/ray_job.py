@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Callable
 import fsspec
 import numpy as np
 
-from .shards import (FORMAT, FORMAT_VERSION, MANIFEST, SHARD_DIR, CorpusInputError, Fields, ShardSpec, document,
-                     plan_shards, read_records, shard_source, vectors_table, write_shard)
+from .shards import (MANIFEST, SHARD_DIR, CorpusInputError, Fields, ShardSpec, document, plan_shards, read_records,
+                     shard_source, vectors_table, write_manifest, write_shard)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..api import E5
@@ -92,10 +92,9 @@ def _job_state(model: str, fields: Fields, fmt: str | None, shard_mb: float, sha
 
 
 def _write_json(fs, path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with fs.open(tmp, "w") as f:
+    with fs.open(f"{path}.tmp", "w") as f:
         json.dump(obj, f, indent=2)
-    fs.mv(tmp, path)
+    fs.mv(f"{path}.tmp", path)
 
 
 def _user_error(e: BaseException) -> CorpusInputError | None:
@@ -234,12 +233,8 @@ def embed_corpus(
     seconds = time.perf_counter() - t0
 
     total = check_unique(fs, root, specs)
-    shards = []
-    for s in specs:
-        shards.append({"file": s.name, "source": s.to_dict()})
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "model": model, "rows": total,
-                "dim": _dim(fs, root, specs[0]), "fields": state["fields"], "job": job, "shards": shards}
-    _write_json(fs, f"{root}/{MANIFEST}", manifest)
+    manifest = write_manifest(out, model, _dim(fs, root, specs[0]), total,
+                              [{"file": s.name, "source": s.to_dict()} for s in specs], fields=state["fields"], job=job)
     summary = {"rows": total, "shards": len(specs), "shards_embedded": len(pending), "rows_embedded": rows,
                "tokens": tokens, "truncated": truncated, "seconds": seconds,
                "tokens_per_s": tokens / seconds if pending and seconds > 0 else 0.0, "workers": workers or 0,

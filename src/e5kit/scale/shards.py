@@ -207,6 +207,28 @@ def shard_source(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
         return None
 
 
+def write_manifest(out: str, model: str, dim: int, rows: int, shards: list[dict], **extra) -> dict:
+    """``manifest.json``: written last, once every shard is in place, so readers only see finished outputs."""
+    fs, root = fsspec.core.url_to_fs(out)
+    m = {"format": FORMAT, "version": FORMAT_VERSION, "model": model, "dim": dim, "rows": rows, **extra,
+         "shards": shards}
+    tmp = f"{root}/.{MANIFEST}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(m, f, indent=2)
+    fs.mv(tmp, f"{root}/{MANIFEST}")
+    return m
+
+
+def write_vectors(out: str, model: str, ids: list[str], vectors: np.ndarray, metadata: list[dict | None]) -> dict:
+    """Vectors embedded in one process (e.g. by ``e5kit index build``) in the embed-corpus output format."""
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(f"{root}/{SHARD_DIR}", exist_ok=True)
+    spec = ShardSpec(0, "(in-process)", "vectors", 0, len(ids), 0, "")
+    meta = [json.dumps(m, ensure_ascii=False, default=str) if m is not None else None for m in metadata]
+    write_shard(out, spec, "in-process", vectors_table(list(ids), vectors, meta))
+    return write_manifest(out, model, int(np.shape(vectors)[1]), len(ids), [{"file": spec.name, "source": spec.to_dict()}])
+
+
 def read_manifest(vectors_dir: str) -> dict:
     """The manifest of a finished ``embed-corpus`` output (refuses an unfinished one)."""
     fs, root = fsspec.core.url_to_fs(vectors_dir)
