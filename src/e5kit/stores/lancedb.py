@@ -73,8 +73,10 @@ class LanceDBStore(VectorStore):
         n = len(self)
         if n < min_rows:
             return
-        self.tbl.create_index(metric="dot", vector_column_name="vector", index_type="IVF_HNSW_SQ",
-                              num_partitions=max(1, n // 100_000), replace=True)
+        from lancedb.index import HnswSq  # IVF partitions, each an HNSW graph over scalar-quantised vectors
+
+        self.tbl.create_index("vector", config=HnswSq(distance_type="dot", num_partitions=max(1, n // 100_000)),
+                              replace=True)
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
                        exact: bool = False, **_) -> list[list[tuple[str, float, dict | None]]]:
