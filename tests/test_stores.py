@@ -41,7 +41,7 @@ def scifact_vectors(ml_e5, scifact, tmp_path_factory):
     rel = sorted({d for q in qids for d in data.qrels[q]})
     rest = [d for d in sorted(data.corpus) if d not in set(rel)]
     ids = rel + [rest[i] for i in np.random.default_rng(0).choice(len(rest), N_DISTRACTORS, replace=False)]
-    model = E5(ml_e5, backend="int8")  # same vectors in every store: what is compared is the search
+    model = E5(ml_e5)  # the same vectors go into every store: what is compared is the search
     vec = model.encode_passages([beir_document(data.corpus[d][0], data.corpus[d][1][:TEXT_CHARS]) for d in ids])
     out = tmp_path_factory.mktemp("vectors")
     write_vectors(str(out), str(ml_e5), ids, vec, [{"title": data.corpus[d][0]} for d in ids])
