@@ -3,7 +3,8 @@ HNSW index on inner product (``vector_ip_ops``; E5 vectors are unit length, so i
 
 Writes are idempotent upserts: each batch is COPYed (binary) into a temporary staging table, then
 ``INSERT ... ON CONFLICT (id) DO UPDATE`` in the same transaction, so a batch lands whole or not at
-all and a rerun rewrites rows instead of duplicating them.
+all and a rerun rewrites rows instead of duplicating them (unchanged rows are left alone, so
+resuming a load does not rewrite the HNSW index for rows already there).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class PgVectorStore(VectorStore):
                         cp.write_row((i, v, Jsonb(m) if m is not None else None))
             self.conn.execute(sql.SQL("INSERT INTO {} (id, vector, metadata) SELECT id, vector, metadata FROM {} "
                                       "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, "
-                                      "metadata = EXCLUDED.metadata").format(self.t, stage))
+                                      "metadata = EXCLUDED.metadata WHERE ({t}.vector, {t}.metadata) IS DISTINCT FROM "
+                                      "(EXCLUDED.vector, EXCLUDED.metadata)").format(self.t, stage, t=self.t))
 
     def create_index(self) -> None:
         """The HNSW index on inner product (kept up to date by PostgreSQL on later upserts)."""
