@@ -44,8 +44,8 @@ def load_into(vectors_dir: str, uri: str, *, batch_rows: int = 8192, device=None
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--metadata-field", "metadata_fields", multiple=True, help="Extra field to keep as metadata (repeatable).")
 @click.option("--no-store-text", is_flag=True, help="Do not keep title/text in the metadata.")
-@click.option("--shard-mb", default=32.0, show_default=True, help="jsonl: input megabytes per resumable shard.")
-@click.option("--shard-rows", default=20_000, show_default=True, help="parquet: rows per resumable shard.")
+@click.option("--shard-mb", default=8.0, show_default=True, help="jsonl: input megabytes per resumable shard.")
+@click.option("--shard-rows", default=5_000, show_default=True, help="parquet: rows per resumable shard.")
 @click.option("--workers", type=int, default=None, help="Engine actors [default: cluster CPUs / --cpus-per-worker, "
               "or GPUs / --gpus-per-worker].")
 @click.option("--cpus-per-worker", default=1.0, show_default=True, help="CPUs reserved per actor (its torch threads).")

@@ -96,7 +96,7 @@ def resolve_inputs(inputs: list[str] | tuple[str, ...]) -> list[tuple[fsspec.Abs
     return [(out[u], u) for u in sorted(out)]
 
 
-def plan_shards(inputs, fmt: str | None = None, shard_mb: float = 32, shard_rows: int = 20_000) -> list[ShardSpec]:
+def plan_shards(inputs, fmt: str | None = None, shard_mb: float = 8, shard_rows: int = 5_000) -> list[ShardSpec]:
     """The numbered shards of the corpus (same files and sizes -> same shards)."""
     specs: list[ShardSpec] = []
     for fs, url in resolve_inputs(inputs):
