@@ -72,6 +72,8 @@ class VectorStore:
         from ..index import Hit
 
         single = isinstance(queries, str) or (isinstance(queries, np.ndarray) and queries.ndim == 1)
+        if not single and len(queries) == 0:
+            return []
         if isinstance(queries, str) or (not isinstance(queries, np.ndarray) and queries and isinstance(queries[0], str)):
             if self.model is None:
                 raise StoreError("text queries need a model; open the store with one, or pass query vectors")
