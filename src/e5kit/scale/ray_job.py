@@ -15,7 +15,6 @@ import json
 import os
 import re
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -37,11 +36,11 @@ JOB_FILE = "job.json"
 def embed_passages(model: "E5", texts: list[str], batch_size: int = 32,
                    max_batch_tokens: int = 16384) -> tuple[np.ndarray, int, int]:
     """(vectors exactly as ``model.encode_passages(texts)`` gives them, tokens embedded, texts truncated)."""
-    with warnings.catch_warnings():  # truncation is counted and reported in the summary instead
-        warnings.simplefilter("ignore")
-        vec = model.encode_passages(texts, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
-    ids = model.tokenize(model.format(texts, "passage"))
-    return np.asarray(vec, dtype=np.float32).reshape(len(texts), model.dim), sum(map(len, ids)), len(model.last_truncated)
+    from ..pipeline import finish
+
+    prepared = model.prepare(texts, "passage")
+    vec = finish(model.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens))
+    return vec, prepared.n_tokens, len(prepared.truncated)
 
 
 class ShardEmbedder:

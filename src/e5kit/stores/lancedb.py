@@ -20,7 +20,8 @@ class LanceDBStore(VectorStore):
     """A LanceDB table in the database folder ``path``; ``create=True`` makes it when missing."""
 
     def __init__(self, path: str, table: str = "e5kit", model: "E5 | None" = None, *, dim: int | None = None,
-                 create: bool = False, model_name: str | None = None, nprobe: int = 20, ef_search: int = 100, refine_factor: int | None = 4):
+                 create: bool = False, model_name: str | None = None, nprobe: int = 20, ef_search: int = 100,
+                 refine_factor: int | None = 4):
         import lancedb
         import pyarrow as pa
 
