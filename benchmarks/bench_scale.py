@@ -109,15 +109,16 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
+        s = bench_sinks(args.rows, 384, Path(d))
+        for name, r in s.items():
+            print(f"{name}: {r['rows_per_s']:,.0f} rows/s first load, {r['reupsert_rows_per_s']:,.0f} rows/s re-upsert, "
+                  f"index {r['index_s']:.1f} s, {r['count']} rows; recall@10 {r['recall_at_10']:.3f} at {r['qps']:.0f} q/s",
+                  flush=True)
         e = bench_embed(random_model("small"), scifact_records(args.n), args.cpus, Path(d))
         print(f"one process ({args.cpus} threads): {e['one_tok_s']:,.0f} tok/s ({e['tokens']:,} tokens, {e['one_s']:.1f} s)")
         print(f"ray ({e['workers']} actors x 1 thread, {e['shards']} shards): {e['ray_tok_s']:,.0f} tok/s end to end "
               f"({e['ray_wall_s']:.1f} s, x{e['ray_tok_s'] / e['one_tok_s']:.2f}); busy actors {e['ray_busy_tok_s']:,.0f} "
               f"tok/s (x{e['ray_busy_tok_s'] / e['one_tok_s']:.2f}); max abs diff {e['max_abs_diff']:.1e}")
-        s = bench_sinks(args.rows, 384, Path(d))
-        for name, r in s.items():
-            print(f"{name}: {r['rows_per_s']:,.0f} rows/s first load, {r['reupsert_rows_per_s']:,.0f} rows/s re-upsert, "
-                  f"index {r['index_s']:.1f} s, {r['count']} rows; recall@10 {r['recall_at_10']:.3f} at {r['qps']:.0f} q/s")
         print(json.dumps({"embed": e, "sinks": s}))
 
 
