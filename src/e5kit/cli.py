@@ -21,6 +21,8 @@ LAZY_COMMANDS = {
     "train": "e5kit.train.cli:train",
     "mine": "e5kit.train.cli:mine",
     "filter": "e5kit.train.cli:filter_command",
+    "embed-corpus": "e5kit.scale.cli:embed_corpus",
+    "load-vectors": "e5kit.scale.cli:load_vectors",
 }
 
 

@@ -111,12 +111,18 @@ def search(index_dir, queries, k, task, output_format, ef_search, nprobe, aggreg
     from .core import Index
     from .storage import IndexMismatchError, read_manifest
 
+    from ..stores import is_store_uri, open_store
+
     try:
-        manifest = read_manifest(Path(index_dir))
+        store = open_store(index_dir) if is_store_uri(index_dir) else None  # pgvector / LanceDB (e5kit.stores)
+        manifest = store.info if store is not None else read_manifest(Path(index_dir))
         m = load_model(model or manifest.get("model") or DEFAULT_MODEL, device, dtype, backend, threads)
-        idx = Index.load(index_dir, m)
-        results = idx.search(list(queries), k=k, task=task, ef_search=ef_search, nprobe=nprobe, aggregate=aggregate,
-                             top_chunks=top_chunks)
+        if store is not None:
+            options = {"ef_search": ef_search} | ({"nprobe": nprobe} if nprobe is not None else {})
+            results = store.with_model(m).search(list(queries), k=k, task=task, **options)
+        else:
+            results = Index.load(index_dir, m).search(list(queries), k=k, task=task, ef_search=ef_search, nprobe=nprobe,
+                                                      aggregate=aggregate, top_chunks=top_chunks)
     except (IndexFileError, IndexMismatchError, ValueError) as e:
         raise click.ClickException(str(e))
     if output_format == "jsonl":
