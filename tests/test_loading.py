@@ -237,7 +237,8 @@ def test_models_and_info_say_where_each_loads_from(tiny_bert, tmp_path):
     out = _cli(cache, "info", "intfloat/multilingual-e5-base")
     assert out.returncode == 0, out.stderr
     assert "architecture       xlm-roberta" in out.stdout and "license            mit" in out.stdout
-    assert "loads from         download: not in the local Hugging Face cache; `e5kit download intfloat/multilingual-e5-base`" in out.stdout
+    assert ("loads from         download: not in the local Hugging Face cache; "
+            "`e5kit download intfloat/multilingual-e5-base`") in out.stdout
     out = _cli(cache, "info", "intfloat/e5-small-v2")
     assert out.returncode == 0, out.stderr
     assert f"cached: {cache / 'models--intfloat--e5-small-v2' / 'snapshots' / rev}" in out.stdout
