@@ -93,6 +93,18 @@ VENV_OV = Path(os.environ.get("E5KIT_OPENVINO_PYTHON", "/work/venv-peers/openvin
 OV_SYSTEMS = ("ov-fp32", "ov-bf16", "ov-int8")
 
 
+def _peer_copy(model_dir: Path, suffix: str, made: str, python: Path) -> tuple[Path, bool]:
+    """(the peer's copy of ``model_dir``, whether its file ``made`` exists already); the copy is
+    created when not."""
+    out = model_dir.with_name(model_dir.name + suffix)
+    if (out / made).exists():
+        return out, True
+    if not python.exists():
+        raise FileNotFoundError(f"{python} missing: see docs/speed.md, 'Peers', for the peer virtualenvs")
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    return out, False
+
+
 def onnx_qint8_dir(model_dir: Path) -> Path:
     """A copy of ``model_dir`` with sentence-transformers' ONNX export and its dynamic int8
     quantization (``export_dynamic_quantized_onnx_model(..., "avx512_vnni")``), made once.
@@ -102,12 +114,9 @@ def onnx_qint8_dir(model_dir: Path) -> Path:
     """
     import subprocess
 
-    out = model_dir.with_name(model_dir.name + "-onnx")
-    if (out / "onnx" / "model_qint8_avx512_vnni.onnx").exists():
+    out, made = _peer_copy(model_dir, "-onnx", "onnx/model_qint8_avx512_vnni.onnx", VENV_ONNX)
+    if made:
         return out
-    if not VENV_ONNX.exists():
-        raise FileNotFoundError(f"{VENV_ONNX} missing: see BENCHMARKS.md for the ONNX virtualenv")
-    shutil.copytree(model_dir, out, dirs_exist_ok=True)
     code = ("import sys; from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model; "
             "d=sys.argv[1]; m=SentenceTransformer(d, backend='onnx', device='cpu'); m.save_pretrained(d); "
             "export_dynamic_quantized_onnx_model(m, 'avx512_vnni', d)")
@@ -121,24 +130,25 @@ def openvino_dir(model_dir: Path, calibration: list[str]) -> Path:
     on ``calibration`` (local texts: no data set from a hub), made once, in the OpenVINO virtualenv."""
     import subprocess
 
-    out = model_dir.with_name(model_dir.name + "-openvino")
-    if (out / "openvino" / "openvino_model_qint8.xml").exists():
+    out, made = _peer_copy(model_dir, "-openvino", "openvino/openvino_model_qint8.xml", VENV_OV)
+    if made:
         return out
-    if not VENV_OV.exists():
-        raise FileNotFoundError(f"{VENV_OV} missing: see docs/speed.md for the OpenVINO virtualenv")
-    shutil.copytree(model_dir, out, dirs_exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(calibration))
     code = """
-import json, sys, nncf, openvino as ov
+import json, os, sys, nncf, numpy as np, openvino as ov
 from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer
 d = sys.argv[1]
-SentenceTransformer(d, backend="openvino", device="cpu").save_pretrained(d)
+if not os.path.exists(d + "/openvino/openvino_model.xml"):  # (saving over a loaded IR truncates it)
+    SentenceTransformer(d, backend="openvino", device="cpu").save_pretrained(d)
 model = ov.Core().read_model(d + "/openvino/openvino_model.xml")
 names = {i.get_any_name() for i in model.inputs}
 tok = AutoTokenizer.from_pretrained(d)
-items = [{k: v for k, v in tok(t, truncation=True, max_length=512, return_tensors="np").items() if k in names}
-         for t in json.load(open(d + "/calibration.json"))]
+def item(text):
+    enc = dict(tok(text, truncation=True, max_length=512, return_tensors="np"))
+    enc.setdefault("token_type_ids", np.zeros_like(enc["input_ids"]))  # XLM-R's tokenizer gives none
+    return {k: v for k, v in enc.items() if k in names}
+items = [item(t) for t in json.load(open(d + "/calibration.json"))]
 q = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
 ov.save_model(q, d + "/openvino/openvino_model_qint8.xml")
 """
