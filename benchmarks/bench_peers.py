@@ -2,7 +2,7 @@
 
 Systems (one process each, rounds interleaved): e5kit fp32 / bf16 / int8; OpenVINO through
 sentence-transformers' ``backend="openvino"`` (optimum-intel) in f32, with the bf16 precision hint,
-and statically quantized to int8 by NNCF (calibrated on 300 SciFact passages other than the measured
+and statically quantized to int8 by NNCF (calibrated on 64 SciFact passages of another sample than the measured
 ones); sentence-transformers' ONNX backend with its dynamic qint8 export (ONNX Runtime). The peers
 run from their own virtualenvs (docs/speed.md, "Peers").
 
@@ -51,7 +51,7 @@ def main() -> None:
     systems = [s for s in args.systems.split(",") if s]
     dirs = {s: ml for s in systems}
     if any(s.startswith("ov-") for s in systems):
-        ov = openvino_dir(ml, scifact_passages(300, seed=1))
+        ov = openvino_dir(ml, scifact_passages(64, seed=1))
         dirs.update({s: ov for s in systems if s.startswith("ov-")})
     if "st-onnx-qint8" in systems:
         dirs["st-onnx-qint8"] = onnx_qint8_dir(ml)
