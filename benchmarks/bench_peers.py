@@ -2,8 +2,8 @@
 
 Systems (one process each, rounds interleaved): e5kit fp32 / bf16 / int8; OpenVINO through
 sentence-transformers' ``backend="openvino"`` (optimum-intel) in f32, with the bf16 precision hint,
-and statically quantized to int8 by NNCF (calibrated on 64 SciFact passages of another sample than the measured
-ones); sentence-transformers' ONNX backend with its dynamic qint8 export (ONNX Runtime). The peers
+and statically quantized to int8 by NNCF (calibrated on 64 SciFact passages, another sample than
+the measured ones); sentence-transformers' ONNX backend with its dynamic qint8 export (ONNX Runtime). The peers
 run from their own virtualenvs (docs/speed.md, "Peers").
 
 1. Passage throughput: ``--n`` SciFact passages, batch 32; cosine of every vector to e5kit fp32.

@@ -438,5 +438,5 @@ def flops_per_token(cfg: EncoderConfig, seq_len: int) -> float:
     return cfg.num_layers * per_layer
 
 
-__all__ = ["ACTIVATIONS", "EncoderConfig", "Encoder", "Linear", "Packed", "PackedLinear", "bucket_rows", "pack_linears", "mean_pool", "embed_batch",
-           "flops_per_token"]
+__all__ = ["ACTIVATIONS", "EncoderConfig", "Encoder", "Linear", "Packed", "PackedLinear", "bucket_rows", "pack_linears",
+           "mean_pool", "embed_batch", "flops_per_token"]

@@ -180,7 +180,8 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
-                f"smoothed={self.inv_smooth is not None}" + (f", activation={self.activation}" if self.activation else ""))
+                f"smoothed={self.inv_smooth is not None}"
+                + (f", activation={self.activation}" if self.activation else ""))
 
 
 def _quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -255,5 +256,5 @@ def build_int8(model: nn.Module, embed: Callable[[nn.Module], torch.Tensor],
     return int8, float(F.cosine_similarity(ref[0], embed(int8), dim=-1).min())
 
 
-__all__ = ["MIN_COSINE", "PROBE_TEXTS", "Int8QualityError", "Int8Linear", "Int8Plan", "amx_supported", "build_int8", "int8_plan",
-           "int8_supported", "input_maxima", "quantize_linears"]
+__all__ = ["MIN_COSINE", "PROBE_TEXTS", "Int8QualityError", "Int8Linear", "Int8Plan", "amx_supported", "build_int8",
+           "int8_plan", "int8_supported", "input_maxima", "quantize_linears"]
