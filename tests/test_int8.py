@@ -81,8 +81,10 @@ def test_int8_cosine_per_text(embedded, name):
 
 
 def test_bf16_cosine_per_text(embedded):
+    """The quality bar for making bf16 the CPU default on AMX (issue 16, docs/speed.md): every
+    text's cosine to fp32 >= 0.9999, on either CPU kind (native bf16 GEMMs or not)."""
     cos_docs, cos_queries = _cosines(embedded, "bf16")
-    assert min(cos_docs.min(), cos_queries.min()) >= 0.999
+    assert min(cos_docs.min(), cos_queries.min()) >= 0.9999
 
 
 def _ndcg10(q: np.ndarray, d: np.ndarray, subset) -> float:

@@ -15,9 +15,10 @@ import torch
 import e5kit.engine
 from e5kit import E5
 from e5kit.engine import plan_batches
-from e5kit.encoder import bucket_rows, embed_batch
+from e5kit.encoder import Linear, PackedLinear, bucket_rows, embed_batch
 from e5kit.loading import load_encoder
-from e5kit.quant import ONEDNN_MIN_ROWS, Int8Linear, Int8QualityError, amx_supported, int8_plan, quantize_linears
+from e5kit.quant import (ONEDNN_MIN_ROWS, PROBE_TEXTS, Int8Linear, Int8QualityError, amx_supported, build_int8, int8_plan,
+                         quantize_linears)
 from helpers import PARITY_TEXTS, reference_embed
 
 pytestmark = pytest.mark.filterwarnings("ignore::e5kit.api.TruncationWarning")
@@ -86,7 +87,7 @@ def test_int8_kernels_match_fp32(kernel, tiny_xlmr):
     ids = engine.tokenize(TEXTS).ids
     model = load_encoder(engine.checkpoint.path, engine.config).eval()  # the engine's own is packed
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fp32 = engine.forward(ids)
+    fp32 = torch.nn.functional.normalize(engine.forward(ids), dim=-1)  # forward does not normalise
     plan = int8_plan(kernel)
     int8 = quantize_linears(model, calibrate=lambda m: embed_batch(m, ids, "cpu"), plan=plan)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -177,3 +178,51 @@ def test_bucketed_rows_do_not_change_vectors(kernel, tiny_xlmr):
             plain = embed_batch(model, seqs, "cpu")
             bucketed = embed_batch(model, seqs, "cpu", bucket=True)
         assert (bucketed - plain).abs().max() <= 1e-5
+
+
+def test_kernel_choice_lives_in_the_linears(tiny_xlmr):
+    """The engine's packed oneDNN linears give the same bits as the unpacked encoder in inference; a
+    hook on a linear sees its call and changes nothing; with autograd on (F.linear, then the
+    activation) the vectors agree to rounding."""
+    engine = E5(str(tiny_xlmr)).engine
+    assert not any(isinstance(m, Linear) for m in engine.model.modules())
+    packed = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 4 * engine.config.num_layers
+    assert {m.activation for m in packed} == {None, engine.config.hidden_act}
+    ids = engine.tokenize(TEXTS).ids
+    fast = engine.forward(ids)
+    model = load_encoder(engine.checkpoint.path, engine.config).eval()
+    seen = []
+    handle = model.layers[0].fc2.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].shape))
+    with torch.inference_mode():
+        plain = embed_batch(model, ids, "cpu", normalize=False)
+    handle.remove()
+    assert torch.equal(fast, plain) and seen and seen[0][1] == engine.config.intermediate_size
+    grad = embed_batch(model, ids, "cpu", normalize=False)
+    assert grad.requires_grad and (grad.detach() - plain).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "onednn"])
+def test_build_int8_is_a_pure_function(kernel, tiny_bert):
+    """build_int8 returns the int8 model and its measured cosine; the fp32 model is untouched."""
+    if kernel == "onednn" and not amx_supported():
+        pytest.skip("oneDNN's AMX int8 kernel needs a CPU with AMX (Sapphire Rapids or later)")
+    engine = E5(str(tiny_bert)).engine
+    ids = engine.tokenize(PROBE_TEXTS).ids
+    model = load_encoder(engine.checkpoint.path, engine.config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    @torch.inference_mode()
+    def embed(m):
+        return embed_batch(m, ids, "cpu", normalize=False)
+
+    int8, cos = build_int8(model, embed, int8_plan(kernel))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    fc1 = [m for n, m in int8.named_modules() if n.endswith("fc1")]
+    assert fc1 and all(isinstance(m, Int8Linear) and m.activation == engine.config.hidden_act for m in fc1)
+    again = torch.nn.functional.cosine_similarity(embed(model), embed(int8), dim=-1).min()
+    assert 0.99 <= cos < 1 and abs(float(again) - cos) <= 1e-6
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("E5KIT_INT8_KERNEL", kernel)
+        assert abs(E5(str(tiny_bert), backend="int8").engine.int8_min_cosine - cos) <= 1e-3

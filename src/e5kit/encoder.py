@@ -15,6 +15,8 @@ Weights load from Hugging Face ``BertModel`` / ``XLMRobertaModel`` state dicts (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,47 +40,85 @@ def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
 
 
 # On CPU in inference, oneDNN's linear (with GELU fused into the first feed-forward layer) computes
-# the same sums as F.linear, faster on these shapes: ~1.5x per call in fp32, ~1.25x in bf16 on AMX
-# (BENCHMARKS.md). bf16 only where the CPU has native bf16 instructions.
+# the same sums as F.linear, faster on these shapes (BENCHMARKS.md, "CPU kernels"). bf16 only where
+# the CPU has native bf16 instructions.
 ONEDNN_LINEAR_DTYPES = _onednn_linear_dtypes()
-# oneDNN post-op (attr, algorithm) meaning "none", and hidden_act -> the post-op that applies it
+
+# oneDNN post-op (attr, algorithm) meaning "none"
 NO_POST_OP = ("none", "")
-_ONEDNN_ACT = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
-               "relu": ("relu", "")}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A feed-forward activation: the PyTorch function, and the oneDNN post-op that applies the same
+    function inside a GEMM."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    post_op: tuple[str, str]
+
+
+ACTIVATIONS = {
+    "gelu": Activation(F.gelu, ("gelu", "none")),
+    "gelu_new": Activation(partial(F.gelu, approximate="tanh"), ("gelu", "tanh")),
+    "gelu_pytorch_tanh": Activation(partial(F.gelu, approximate="tanh"), ("gelu", "tanh")),
+    "relu": Activation(F.relu, ("relu", "")),
+}
+
+
+class Linear(nn.Linear):
+    """``nn.Linear``, then an optional activation (the first feed-forward layer's). In CPU inference
+    in a dtype oneDNN runs natively, one oneDNN call computes both; otherwise F.linear, then the
+    activation. Same weights and state-dict names as ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str | None = None):
+        super().__init__(in_features, out_features)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation] if activation else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES and not torch.is_grad_enabled():
+            attr, algorithm = self.act.post_op if self.act else NO_POST_OP
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        return self.act.fn(y) if self.act else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 
 
 class PackedLinear(nn.Module):
-    """Inference-only CPU linear layer whose weight is packed once into oneDNN's blocked layout.
+    """Inference-only CPU :class:`Linear` whose weight is packed once into oneDNN's blocked layout.
 
-    A plain ``nn.Linear`` through oneDNN re-lays out its weight on every call; packing once makes a
-    short query's linears ~1.7x faster and full batches ~5% (BENCHMARKS.md). ``forward(x, post_op)``
-    fuses the activation (see :meth:`Layer.dense`). Build with :func:`pack_linears`.
+    A plain linear through oneDNN re-lays out its weight on every call; packing once makes a short
+    query's linears ~1.7x faster and full batches ~5% (BENCHMARKS.md). The activation, if any, is
+    fused into the GEMM. Build with :func:`pack_linears`.
     """
-
-    fuses_activation = True
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.activation = linear.activation if isinstance(linear, Linear) else None
+        self.post_op = ACTIVATIONS[self.activation].post_op if self.activation else NO_POST_OP
         # Plain attributes, not parameters: the packed tensor is opaque to state_dict() and .to().
         self._weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
         self._bias = linear.bias.detach() if linear.bias is not None else None
         self.dtype = linear.weight.dtype
 
-    def forward(self, x: torch.Tensor, post_op: tuple[str, str] = NO_POST_OP) -> torch.Tensor:
-        attr, algorithm = post_op
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attr, algorithm = self.post_op
         return torch.ops.mkldnn._linear_pointwise(x, self._weight, self._bias, attr, [], algorithm)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
+                + (f", activation={self.activation}" if self.activation else ""))
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Replace, in place, every CPU ``nn.Linear`` of ``model`` whose dtype oneDNN runs natively by a
+    """Replace, in place, every CPU :class:`Linear` of ``model`` whose dtype oneDNN runs natively by a
     :class:`PackedLinear`; the model is inference-only afterwards. Returns ``model``."""
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
-            if (type(child) is nn.Linear and child.weight.device.type == "cpu"
+            if (isinstance(child, nn.Linear) and child.weight.device.type == "cpu"
                     and child.weight.dtype in ONEDNN_LINEAR_DTYPES):
                 setattr(mod, name, PackedLinear(child))
     return model
@@ -118,8 +158,8 @@ class EncoderConfig:
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported")
         act = cfg.get("hidden_act", "gelu")
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {act!r} is not supported (expected one of {sorted(_ACTIVATIONS)})")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} is not supported (expected one of {sorted(ACTIVATIONS)})")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -135,14 +175,6 @@ class EncoderConfig:
             hidden_dropout=float(cfg.get("hidden_dropout_prob", 0.0) or 0.0),
             attention_dropout=float(cfg.get("attention_probs_dropout_prob", 0.0) or 0.0),
         )
-
-
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 def bucket_rows(n: int) -> int:
@@ -243,28 +275,13 @@ class Layer(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # fused q, k, v
-        self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # fused q, k, v
+        self.attn_out = Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
         self.dropout, self.attn_dropout = cfg.hidden_dropout, cfg.attention_dropout
-        self.onednn_act = _ONEDNN_ACT[cfg.hidden_act]
-
-    def dense(self, lin: nn.Module, x: torch.Tensor, activate: bool = False) -> torch.Tensor:
-        """``lin(x)`` (then the activation when ``activate``), through oneDNN in CPU inference with
-        the activation fused (not for modules with hooks, which must see the call: int8 calibration
-        uses them). Modules with ``fuses_activation`` (packed and int8 linears) take the oneDNN post-op."""
-        if (type(lin) is nn.Linear and x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES
-                and not torch.is_grad_enabled() and not lin._forward_pre_hooks and not lin._forward_hooks):
-            attr, algorithm = self.onednn_act if activate else NO_POST_OP
-            return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, attr, [], algorithm)
-        if activate and getattr(lin, "fuses_activation", False):
-            return lin(x, self.onednn_act)
-        y = lin(x)
-        return self.act(y) if activate else y
 
     def attention(self, qkv: torch.Tensor, p: Packed, mask: torch.Tensor | None) -> torch.Tensor:
         T, H = p.n_tokens, qkv.shape[1] // 3
@@ -291,10 +308,8 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, p: Packed, mask: torch.Tensor | None) -> torch.Tensor:
         d, t = self.dropout, self.training
-        attn = self.dense(self.attn_out, self.attention(self.dense(self.qkv, x), p, mask))
-        x = self.attn_norm(x + F.dropout(attn, d, t))
-        ffn = self.dense(self.fc2, self.dense(self.fc1, x, activate=True))
-        return self.ffn_norm(x + F.dropout(ffn, d, t))
+        x = self.attn_norm(x + F.dropout(self.attn_out(self.attention(self.qkv(x), p, mask)), d, t))
+        return self.ffn_norm(x + F.dropout(self.fc2(self.fc1(x)), d, t))
 
 
 class Encoder(nn.Module):
@@ -423,5 +438,5 @@ def flops_per_token(cfg: EncoderConfig, seq_len: int) -> float:
     return cfg.num_layers * per_layer
 
 
-__all__ = ["EncoderConfig", "Encoder", "Packed", "PackedLinear", "bucket_rows", "pack_linears", "mean_pool", "embed_batch",
-           "flops_per_token"]
+__all__ = ["ACTIVATIONS", "EncoderConfig", "Encoder", "Linear", "Packed", "PackedLinear", "bucket_rows", "pack_linears",
+           "mean_pool", "embed_batch", "flops_per_token"]

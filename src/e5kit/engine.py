@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from .encoder import Encoder, embed_batch, pack_linears
 from .loading import Checkpoint, load_encoder, load_tokenizer
-from .quant import MIN_COSINE, PROBE_TEXTS, Int8QualityError, int8_plan, quantize_linears
+from .quant import MIN_COSINE, PROBE_TEXTS, Int8QualityError, build_int8, int8_plan
 
 log = logging.getLogger("e5kit")
 
@@ -148,19 +147,14 @@ class Engine:
     def _quantize(self) -> None:
         """Swap in the int8 model (built by this CPU's :func:`~e5kit.quant.int8_plan`), after checking
         it against fp32 on the probe texts."""
-        fp32, plan = self.model, int8_plan()
-        ref: list[torch.Tensor] = []
+        plan, ids = int8_plan(), self.tokenize(PROBE_TEXTS).ids
 
-        def embed_with(model):
-            self.model = model
-            return self.embed_ids(self.tokenize(PROBE_TEXTS).ids)
+        @torch.inference_mode()
+        def embed(model: torch.nn.Module) -> torch.Tensor:
+            return embed_batch(model, ids, self.device, normalize=False,
+                               position_offset=self.config.position_offset, bucket=True)
 
-        try:  # one fp32 pass both calibrates the smoothed layers and gives the reference vectors
-            int8 = quantize_linears(fp32, calibrate=lambda model: ref.append(embed_with(model)), plan=plan)
-            cos = F.cosine_similarity(ref[0], embed_with(int8), dim=-1)
-        finally:
-            self.model = fp32
-        self.int8_min_cosine = float(cos.min())
+        int8, self.int8_min_cosine = build_int8(self.model, embed, plan)
         if self.int8_min_cosine < MIN_COSINE:
             raise Int8QualityError(
                 f"int8 quantization of {self.spec.name} is not accurate enough: per-text cosine to fp32 is "

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import NO_POST_OP
+from .encoder import ACTIVATIONS, NO_POST_OP, Linear
 
 MIN_COSINE = 0.99
 
@@ -128,13 +128,11 @@ class Int8Linear(nn.Module):
 
     ``kernel="fbgemm"``: ``quantized::linear_dynamic``. ``kernel="onednn"``:
     ``onednn::qlinear_pointwise`` (AMX), fbgemm for calls under :data:`ONEDNN_MIN_ROWS` rows. Output in
-    the input's dtype (fp32 or bf16), with the activation applied (``forward(x, post_op)``, fused
-    into the oneDNN GEMM; see ``encoder.Layer.dense``).
+    the input's dtype (fp32 or bf16), with the source :class:`~e5kit.encoder.Linear`'s activation
+    applied (fused into the oneDNN GEMM).
     ``input_max`` (per input channel, from calibration) turns on smoothing: x / s and W * s with
     ``s = input_max**alpha / weight_max**(1 - alpha)``, which moves outliers from x into W.
     """
-
-    fuses_activation = True
 
     def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None = None, alpha: float = SMOOTH_ALPHA,
                  kernel: str = "fbgemm"):
@@ -143,6 +141,8 @@ class Int8Linear(nn.Module):
             raise ValueError(f"int8 kernel must be one of {KERNELS}, not {kernel!r}")
         self.kernel = kernel
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.activation = linear.activation if isinstance(linear, Linear) else None
+        self.act = ACTIVATIONS[self.activation] if self.activation else None
         w = linear.weight.detach().float()
         self.inv_smooth: torch.Tensor | None = None
         if input_max is not None:
@@ -166,30 +166,22 @@ class Int8Linear(nn.Module):
             self._w_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
             self._bias = bias
 
-    def forward(self, x: torch.Tensor, post_op: tuple[str, str] = NO_POST_OP) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inv_smooth is not None:
             x = x * self.inv_smooth.to(x.dtype)
         if self.kernel == "fbgemm" or x.shape[0] < ONEDNN_MIN_ROWS:
             y = torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm, _REDUCE_RANGE)
-            return _POST_OPS[post_op](y).to(x.dtype)
+            return (self.act.fn(y) if self.act else y).to(x.dtype)
         qx, scale, zero_point = _quantize_uint8(x)
-        attr, algorithm = post_op
+        attr, algorithm = self.act.post_op if self.act else NO_POST_OP
         return torch.ops.onednn.qlinear_pointwise(qx, scale, zero_point, self._onednn, self._w_scales,
                                                   self._w_zero_points, self._bias, 1.0, 0, x.dtype, attr, [],
                                                   algorithm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
-                f"smoothed={self.inv_smooth is not None}")
-
-
-# oneDNN post-ops (attr, algorithm), as ``encoder.Layer.dense`` passes them, applied after fbgemm.
-_POST_OPS: dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]] = {
-    NO_POST_OP: lambda y: y,
-    ("gelu", "none"): F.gelu,
-    ("gelu", "tanh"): lambda y: F.gelu(y, approximate="tanh"),
-    ("relu", ""): F.relu,
-}
+                f"smoothed={self.inv_smooth is not None}"
+                + (f", activation={self.activation}" if self.activation else ""))
 
 
 def _quantize_uint8(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -254,5 +246,15 @@ def quantize_linears(model: nn.Module, calibrate: Callable[[nn.Module], object] 
     return out.eval()
 
 
-__all__ = ["MIN_COSINE", "PROBE_TEXTS", "Int8QualityError", "Int8Linear", "Int8Plan", "amx_supported", "int8_plan",
-           "int8_supported", "input_maxima", "quantize_linears"]
+def build_int8(model: nn.Module, embed: Callable[[nn.Module], torch.Tensor],
+               plan: Int8Plan | None = None) -> tuple[nn.Module, float]:
+    """The int8 model for ``model`` (:func:`quantize_linears`; ``model`` is left untouched) and its
+    worst per-text cosine to ``model``. ``embed(m)`` embeds fixed texts (:data:`PROBE_TEXTS`) with
+    model ``m``: one pass of ``model`` both calibrates the smoothed layers and gives the reference."""
+    ref: list[torch.Tensor] = []
+    int8 = quantize_linears(model, calibrate=lambda m: ref.append(embed(m)), plan=plan)
+    return int8, float(F.cosine_similarity(ref[0], embed(int8), dim=-1).min())
+
+
+__all__ = ["MIN_COSINE", "PROBE_TEXTS", "Int8QualityError", "Int8Linear", "Int8Plan", "amx_supported", "build_int8",
+           "int8_plan", "int8_supported", "input_maxima", "quantize_linears"]
