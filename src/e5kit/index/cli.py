@@ -99,7 +99,8 @@ def build(corpus, out, fmt, id_field, title_field, text_field, metadata_fields, 
 @click.option("--aggregate", type=click.Choice(["max", "sum", "mean"]), default="max", show_default=True,
               help="Index of chunks: score a document by its best chunk (max) or the sum / mean of its best chunks.")
 @click.option("--top-chunks", type=int, default=3, show_default=True, help="Chunks summed / averaged by --aggregate.")
-@model_options(model_default=None, model_help="Registry name, hub id or local directory [default: the model the index was built with].")
+@model_options(model_default=None,
+               model_help="Registry name, hub id or local directory [default: the model the index was built with].")
 def search(index_dir, queries, k, task, output_format, ef_search, nprobe, aggregate, top_chunks, model, device, dtype,
            backend, threads):
     """Search the index at INDEX_DIR for each of QUERIES (the model defaults to the index's own).
