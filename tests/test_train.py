@@ -114,6 +114,37 @@ def test_gradcache_gradient_equals_full_batch(kind, tiny_bert, tiny_xlmr, tmp_pa
         torch.testing.assert_close(g2[n], g1[n], atol=1e-5, rtol=0, msg=n)
 
 
+def test_bf16_gradcache_on_cpu(tiny_bert, tmp_path):
+    """bf16 autocast + GradCache on CPU (docs/train.md's config) trains: the chunked no-grad pass
+    goes through autocast like the re-encode, so both see the same embeddings and the gradient is
+    the bf16 full-batch one. (It used to die in oneDNN: a bf16 activation met an fp32 weight.)"""
+    import dataclasses
+
+    ck = load_checkpoint(tiny_bert)
+    ex = load_examples(write_data(tmp_path / "d.jsonl", 8, negatives=1), negatives=1)
+    tok = load_tokenizer(ck.path, 64)
+    q = [e.ids for e in tok.encode_batch(["query: " + e.query for e in ex])]
+    p = [e.ids for e in tok.encode_batch(["passage: " + t for e in ex for t in [e.positive, *e.negatives]])]
+    B = len(q)
+    model = load_encoder(ck.path, dataclasses.replace(ck.config, hidden_dropout=0.0, attention_dropout=0.0)).train()
+
+    def bf16(step, chunks):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = step(lambda c: embed_batch(model, c), chunks, lambda e: contrastive_loss(e[:B], e[B:], 2))
+        return out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss_full, g_full = bf16(full_batch_step, [q, p])
+    loss_gc, g_gc = bf16(grad_cache_step, [q[i:i + 4] for i in range(0, B, 4)] + [p[i:i + 4] for i in range(0, len(p), 4)])
+    assert loss_gc == pytest.approx(loss_full, rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(g_gc.float(), g_full.float(), dim=0)
+    assert cos > 0.99, cos
+    res = train(_cfg(tiny_bert, write_data(tmp_path / "t.jsonl", 16, negatives=1), tmp_path / "o", negatives=1,
+                     batch_size=8, chunk_size=4, precision="bf16", max_steps=2))
+    assert res.steps == 2 and all(math.isfinite(r["loss"]) for r in res.history)
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
 # ---- training runs ------------------------------------------------------------------------------
 
 def _cfg(model, data, out, **kw) -> TrainConfig:

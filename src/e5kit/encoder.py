@@ -257,7 +257,10 @@ class Layer(nn.Module):
         """``lin(x)`` (then the activation when ``activate``), through oneDNN in CPU inference with
         the activation fused (not for modules with hooks, which must see the call: int8 calibration
         uses them). Modules with ``fuses_activation`` (packed and int8 linears) take the oneDNN post-op."""
+        # the direct oneDNN op bypasses autocast, so under autocast (training's no-grad GradCache pass)
+        # a bf16 activation would meet an fp32 weight and oneDNN finds no primitive: take nn.Linear there
         if (type(lin) is nn.Linear and x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES
+                and x.dtype == lin.weight.dtype and not torch.is_autocast_enabled("cpu")
                 and not torch.is_grad_enabled() and not lin._forward_pre_hooks and not lin._forward_hooks):
             attr, algorithm = self.onednn_act if activate else NO_POST_OP
             return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, attr, [], algorithm)
