@@ -71,7 +71,10 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         import yaml
 
-        d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        try:
+            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of option: value")
         return cls.from_dict(d)
