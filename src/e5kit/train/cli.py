@@ -91,13 +91,14 @@ def train(config, dtype, **flags):
     """
     import logging
 
+    from ..cli import check_device, require_extras
+
+    require_extras("train", "train", ["yaml"])
     import yaml
 
     from ..loading import E5LoadError
     from .data import DataError
     from .trainer import train as run
-
-    from ..cli import check_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if dtype and flags["precision"] and AMP_NAMES[dtype] != AMP_NAMES[flags["precision"]]:
