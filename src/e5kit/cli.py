@@ -77,7 +77,7 @@ def model_options(f=None, *, multiple: bool = False):
     f = click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: all cores).")(f)
     f = click.option("--backend", default="auto", show_default=True, help="auto, torch or int8 (CPU only).")(f)
     f = click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, bf16 on "
-                     "CUDA; bfloat16 is ~3x fp32 on CPUs with AMX).")(f)
+                     "CUDA; bfloat16 is the fast path on CPUs with AMX, see docs/speed.md).")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available).")(f)
     if multiple:
         f = click.option("--model", "-m", multiple=True, default=(DEFAULT_MODEL,), show_default=True,
@@ -127,9 +127,11 @@ def load_model(model, device, dtype, backend, threads):
     from .api import E5
     from .loading import E5LoadError
 
+    from .engine import default_threads
+
     check_device(device)
-    try:
-        return E5(model, device=device, dtype=dtype, backend=backend, threads=threads)
+    try:  # a command owns its process, so it sets torch's thread count (the library never does unasked)
+        return E5(model, device=device, dtype=dtype, backend=backend, threads=threads or default_threads())
     except (E5LoadError, ValueError) as e:
         raise click.ClickException(str(e))
 
@@ -250,10 +252,8 @@ def embed(texts, input_path, field, title_field, input_type, task, output, batch
     e5kit embed "how much protein should a female eat"
     e5kit embed --type passage -i docs.jsonl -o docs.npy
     """
-    import warnings
-
-    from .api import TruncationWarning
     from .engine import InputTooLongError
+    from .pipeline import finish
 
     if output != "-" and not output.endswith(OUTPUT_FORMATS):
         raise click.BadParameter(f"{output!r}: write {', '.join(OUTPUT_FORMATS)} (or '-' for jsonl on stdout)",
@@ -262,17 +262,15 @@ def embed(texts, input_path, field, title_field, input_type, task, output, batch
     if not items:
         raise click.UsageError("no texts given (arguments, --input FILE or stdin)")
     m = load_model(model, device, dtype, backend, threads)
-    formatted = m.format(items, input_type, task)
     try:
-        with warnings.catch_warnings():  # reported once below, without the library's source line
-            warnings.simplefilter("ignore", TruncationWarning)
-            emb = m.encode(formatted, batch_size=batch_size, normalize_embeddings=not no_normalize,
-                           precision=precision, truncate=not no_truncate, show_progress_bar=progress)
+        prepared = m.prepare(items, input_type, task=task, truncate=not no_truncate)
     except InputTooLongError as e:
         raise click.ClickException(str(e))
-    if m.last_truncated:
-        click.echo(f"warning: {len(m.last_truncated)} input(s) truncated to {m.max_tokens} tokens "
-                   f"(input numbers {[i + 1 for i in m.last_truncated[:10]]}); --no-truncate to refuse them", err=True)
+    if prepared.truncated:  # reported here once (the library's TruncationWarning is for encode* callers)
+        click.echo(f"warning: {len(prepared.truncated)} input(s) truncated to {m.max_tokens} tokens "
+                   f"(input numbers {[i + 1 for i in prepared.truncated[:10]]}); --no-truncate to refuse them", err=True)
+    emb = finish(m.embed(prepared, batch_size=batch_size, progress=progress), normalize=not no_normalize,
+                 precision=precision)
     write_embeddings(output, items, ids, emb)
 
 
