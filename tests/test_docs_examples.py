@@ -32,7 +32,7 @@ def e5kit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return r
 
 
-def small_scifact(src: Path, out: Path, n_train: int = 24, n_test: int = 8, n_extra: int = 60) -> Path:
+def small_scifact(src: Path, out: Path, n_train: int = 6, n_test: int = 4, n_extra: int = 12) -> Path:
     """A BEIR folder with a few train and test queries, their documents and some others."""
     def qrels(split):
         rows = [ln.split("\t") for ln in (src / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]]
@@ -79,6 +79,8 @@ def test_readme_commands(ml_e5, tmp_path):
     assert np.load(tmp_path / "docs.npy").shape == (1, 384)
 
 
+@pytest.mark.skipif(os.environ.get("E5KIT_DOCS_TRAIN") != "1",
+                    reason="~7 min on a shared 2-core CPU without AMX (bf16 training): set E5KIT_DOCS_TRAIN=1")
 def test_train_doc_mine_config_and_loading(ml_e5, scifact, tmp_path):
     """docs/train.md: `e5kit mine --beir ...`, then `e5kit train run.yaml --max-steps N` with the
     documented run.yaml (bf16 + GradCache on CPU included), then the three documented loaders."""
@@ -97,9 +99,9 @@ def test_train_doc_mine_config_and_loading(ml_e5, scifact, tmp_path):
     assert cfg["precision"] == "bf16" and cfg["chunk_size"] == 32  # the combination that used to crash on CPU
     cfg |= {"model": str(ml_e5), "eval_data": str(beir)}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    # the run's size only: 2 steps of 16 queries (x 2 candidates) in GradCache chunks of 12, short passages
-    r = e5kit("train", "run.yaml", "--max-steps", "2", "--batch-size", "16", "--chunk-size", "12",
-              "--passage-max-length", "64", cwd=tmp_path)
+    # the run's size only: 2 steps of 4 queries (x 2 candidates) in GradCache chunks of 3, short passages
+    r = e5kit("train", "run.yaml", "--max-steps", "2", "--batch-size", "4", "--chunk-size", "3",
+              "--passage-max-length", "48", cwd=tmp_path)
     assert "trained 2 steps" in r.stderr
     out = tmp_path / "my-e5"
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
