@@ -22,7 +22,8 @@ def test_sentence_transformers_names_and_semantics(tiny_mlsmall):
     assert m.get_sentence_embedding_dimension() == st.get_embedding_dimension() == m.dim
     assert m.max_seq_length == 512 and m.tokenizer.encode("summit").ids == m.tokenize(["summit"])[0]
     # prompt: literal text in front, as ST; prompt_name: the model's own convention, never twice
-    np.testing.assert_allclose(m.encode(TEXTS, prompt="query: "), st.encode(TEXTS, prompt="query: ", normalize_embeddings=True), atol=1e-5)
+    ref = st.encode(TEXTS, prompt="query: ", normalize_embeddings=True)
+    np.testing.assert_allclose(m.encode(TEXTS, prompt="query: "), ref, atol=1e-5)
     np.testing.assert_allclose(m.encode(TEXTS, prompt_name="query"), m.encode_queries(TEXTS), atol=1e-6)
     np.testing.assert_allclose(m.encode(["passage: a"], prompt_name="document"), m.encode_passages(["a"]), atol=1e-6)
     np.testing.assert_allclose(m.encode_query(TEXTS), m.encode_queries(TEXTS), atol=1e-6)
