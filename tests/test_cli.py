@@ -70,3 +70,35 @@ def test_models_and_info(tiny_xlmr):
 def test_help(cmd):
     out = run(*cmd, "--help")
     assert "Usage:" in out.stdout
+
+
+def test_embed_keeps_ids_uses_titles_and_writes_parquet(tiny_bert, tmp_path):
+    """jsonl records keep their _id and are embedded as title + ' ' + text, as `index build` does."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "corpus.jsonl"
+    docs = [{"_id": "d1", "title": "Protein", "text": "grams per day"}, {"_id": "d2", "text": "the summit"}]
+    src.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    expected = E5(str(tiny_bert)).encode_passages(["Protein grams per day", "the summit"])
+    out = run("embed", "-m", str(tiny_bert), "--type", "passage", "-i", str(src))
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["_id"] for r in rows] == ["d1", "d2"] and rows[0]["text"] == "Protein grams per day"
+    np.testing.assert_allclose([r["embedding"] for r in rows], expected, atol=1e-6)
+    run("embed", "-m", str(tiny_bert), "--type", "passage", "-i", str(src), "-o", str(tmp_path / "e.parquet"))
+    t = pq.read_table(tmp_path / "e.parquet").to_pydict()
+    assert t["_id"] == ["d1", "d2"]
+    np.testing.assert_allclose(t["embedding"], expected, atol=1e-6)
+    # --title-field '' embeds the text alone
+    out = run("embed", "-m", str(tiny_bert), "--type", "passage", "-i", str(src), "--title-field", "")
+    np.testing.assert_allclose(json.loads(out.stdout.splitlines()[0])["embedding"],
+                               E5(str(tiny_bert)).encode_passages(["grams per day"])[0], atol=1e-6)
+    # an output type it cannot write is refused before any work, not written as jsonl
+    bad = run("embed", "-m", str(tiny_bert), "x", "-o", str(tmp_path / "out.csv"), check=False)
+    assert bad.returncode == 2 and "--output" in bad.stderr and not (tmp_path / "out.csv").exists()
+
+
+def test_truncation_is_reported_once_without_a_source_line(tiny_bert):
+    out = run("embed", "-m", str(tiny_bert), "short", "word " * 600)
+    assert len(out.stdout.splitlines()) == 2
+    assert out.stderr.count("truncated") == 1 and "warnings.warn" not in out.stderr and ".py:" not in out.stderr
+    assert "input numbers [2]" in out.stderr

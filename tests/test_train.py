@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -114,12 +115,49 @@ def test_gradcache_gradient_equals_full_batch(kind, tiny_bert, tiny_xlmr, tmp_pa
         torch.testing.assert_close(g2[n], g1[n], atol=1e-5, rtol=0, msg=n)
 
 
+def test_bf16_gradcache_on_cpu(tiny_bert, tmp_path):
+    """bf16 autocast + GradCache on CPU (docs/train.md's config) trains: the chunked no-grad pass
+    goes through autocast like the re-encode, so both see the same embeddings and the gradient is
+    the bf16 full-batch one. (It used to die in oneDNN: a bf16 activation met an fp32 weight.)"""
+    import dataclasses
+
+    ck = load_checkpoint(tiny_bert)
+    ex = load_examples(write_data(tmp_path / "d.jsonl", 8, negatives=1), negatives=1)
+    tok = load_tokenizer(ck.path, 64)
+    q = [e.ids for e in tok.encode_batch(["query: " + e.query for e in ex])]
+    p = [e.ids for e in tok.encode_batch(["passage: " + t for e in ex for t in [e.positive, *e.negatives]])]
+    B = len(q)
+    model = load_encoder(ck.path, dataclasses.replace(ck.config, hidden_dropout=0.0, attention_dropout=0.0)).train()
+
+    def bf16(step, chunks):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = step(lambda c: embed_batch(model, c), chunks, lambda e: contrastive_loss(e[:B], e[B:], 2))
+        return out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss_full, g_full = bf16(full_batch_step, [q, p])
+    loss_gc, g_gc = bf16(grad_cache_step, [q[i:i + 4] for i in range(0, B, 4)] + [p[i:i + 4] for i in range(0, len(p), 4)])
+    assert loss_gc == pytest.approx(loss_full, rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(g_gc.float(), g_full.float(), dim=0)
+    assert cos > 0.99, cos
+    res = train(_cfg(tiny_bert, write_data(tmp_path / "t.jsonl", 16, negatives=1), tmp_path / "o", negatives=1,
+                     batch_size=8, chunk_size=4, precision="bf16", max_steps=2))
+    assert res.steps == 2 and all(math.isfinite(r["loss"]) for r in res.history)
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
 # ---- training runs ------------------------------------------------------------------------------
 
 def _cfg(model, data, out, **kw) -> TrainConfig:
     base = dict(data=str(data), model=str(model), output_dir=str(out), batch_size=4, negatives=2, lr=1e-3,
                 query_max_length=32, passage_max_length=48, threads=1, progress=False, seed=7)
     return TrainConfig(**(base | kw))
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def _weights(d: Path) -> dict[str, torch.Tensor]:
@@ -171,8 +209,15 @@ def test_checkpoint_loads_in_transformers_sentence_transformers_and_e5kit(kind, 
     ref = reference_embed(out, texts)
     ours = E5(str(out)).encode(texts)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
-    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_numpy=True)
+    st_model = SentenceTransformer(str(out), device="cpu")
+    st = st_model.encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(st, ref, atol=1e-5)
+    # ST's encode_query / encode_document find E5's prefixes in the checkpoint's prompts
+    q, d = ["protein female eat"], ["the cell study of gene and cancer risk"]
+    np.testing.assert_allclose(st_model.encode_query(q), E5(str(out)).encode_queries(q), atol=1e-5)
+    np.testing.assert_allclose(st_model.encode_document(d), E5(str(out)).encode_passages(d), atol=1e-5)
+    # every written file is readable by others like the rest (safetensors creates 0600)
+    assert {oct(f.stat().st_mode & 0o777) for f in out.iterdir() if f.is_file()} == {oct(0o666 & ~_umask())}
 
 
 # ---- data validation ----------------------------------------------------------------------------
@@ -323,6 +368,47 @@ def test_eval_during_training_runs_or_is_skipped_cleanly(tiny_bert, tmp_path, ca
         assert evals == [] and "skipping evaluation" in caplog.text
     else:
         assert [r["step"] for r in evals] == [1, 2] and all(0 <= r["eval/main_score"] <= 1 for r in evals)
+
+
+def test_bad_eval_split_stops_before_step_1_and_a_failed_run_keeps_its_weights(tiny_bert, tmp_path):
+    """eval data is checked before any step (the error names the flags); a failure mid-run (here the
+    qrels vanish before the first evaluation) leaves checkpoint-N with the weights trained so far."""
+    from e5kit.train import Trainer
+
+    root = _beir(tmp_path / "beir")
+    (root / "qrels" / "test.tsv").write_text((root / "qrels" / "train.tsv").read_text())
+    data = write_data(tmp_path / "d.jsonl", 8, negatives=1)
+    with pytest.raises(ValueError, match=r"--eval-split dev: .*dev.tsv is missing \(splits here: \['test', 'train'\]\)"):
+        Trainer(_cfg(tiny_bert, data, tmp_path / "o", negatives=1, eval_data=str(root), eval_split="dev"))
+    assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(_main(), ["train", "--data", str(data), "--model", str(tiny_bert), "--output-dir",
+                                     str(tmp_path / "o"), "--eval-data", str(root), "--eval-split", "dev"])
+    assert r.exit_code == 1 and "--eval-split dev" in r.output and "Traceback" not in r.output
+    # no split given: dev when there is one, else test (SciFact has none)
+    t = Trainer(_cfg(tiny_bert, data, tmp_path / "o", negatives=1, max_steps=3, eval_data=str(root), eval_every=2))
+    assert t.eval_split == "test"
+    (root / "qrels" / "test.tsv").unlink()
+    with pytest.raises(Exception, match="test.tsv is missing"):
+        t.train()
+    ck = tmp_path / "o" / "checkpoint-2"
+    assert (ck / "model.safetensors").exists() and (ck / "trainer_state.pt").exists()
+    w0 = _weights(Path(tiny_bert))
+    assert any((_weights(ck)[k] - w0[k]).abs().max() > 1e-5 for k in _weights(ck))
+
+
+def test_checkpoints_without_optimizer_state_are_small_and_resume(tiny_bert, tmp_path):
+    data = write_data(tmp_path / "d.jsonl", 12, negatives=1)
+    kw = dict(negatives=1, max_steps=3, save_every=1, save_total_limit=1)
+    train(_cfg(tiny_bert, data, tmp_path / "full", **kw))
+    train(_cfg(tiny_bert, data, tmp_path / "lean", save_optimizer=False, **kw))
+    # rotation keeps the newest one; without AdamW's two moments the state is a few KB
+    assert [d.name for d in (tmp_path / "lean").glob("checkpoint-*")] == ["checkpoint-2"]
+    full = (tmp_path / "full" / "checkpoint-2" / "trainer_state.pt").stat().st_size
+    lean = (tmp_path / "lean" / "checkpoint-2" / "trainer_state.pt").stat().st_size
+    params = (tmp_path / "full" / "checkpoint-2" / "model.safetensors").stat().st_size
+    assert full > 1.9 * params and lean < 0.02 * full
+    res = train(_cfg(tiny_bert, data, tmp_path / "lean", resume="auto", save_optimizer=False, **kw))
+    assert [h["step"] for h in res.history] == [3] and math.isfinite(res.history[0]["loss"])
 
 
 def test_first_step_loss_equals_sentence_transformers_mnrl(tiny_mlsmall, tmp_path):

@@ -19,6 +19,10 @@ from .pipeline import PRECISIONS, Precision, Prepared, as_text_list, finish, qua
 from .prompts import InputType, format_texts
 
 
+# sentence-transformers prompt names -> E5 input types
+PROMPT_NAMES = {"query": "query", "document": "passage", "passage": "passage"}
+
+
 class TruncationWarning(UserWarning):
     """Some inputs were longer than the model's token limit and were cut."""
 
@@ -136,26 +140,44 @@ class E5:
         texts: str | Sequence[str],
         batch_size: int = 32,
         *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         normalize_embeddings: bool = True,
         show_progress_bar: bool | None = None,
         precision: Precision = "float32",
+        convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
+        truncate_dim: int | None = None,
         truncate: bool = True,
         max_batch_tokens: int = 16384,
-    ) -> np.ndarray | torch.Tensor:
-        """Embed texts exactly as given (the caller has applied any prefix).
+    ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
+        """Embed texts exactly as given (the caller has applied any prefix), or, as in
+        sentence-transformers, with ``prompt_name`` ("query", "document"/"passage": the model's own
+        convention, never added twice) or a literal ``prompt`` put in front of every text.
 
         Returns an (n, dim) float32 array (one row per text, in input order; a single string gives
-        shape (dim,)). Over-long inputs are truncated to the model's limit with a
-        :class:`TruncationWarning` (their indices in ``self.last_truncated``, per thread), or raise
-        :class:`~e5kit.engine.InputTooLongError` with ``truncate=False``.
+        shape (dim,)); ``convert_to_tensor`` a tensor, ``convert_to_numpy=False`` a list of tensors.
+        ``truncate_dim`` keeps the first N dimensions (re-normalised). Over-long inputs are truncated
+        to the model's limit with a :class:`TruncationWarning` (their indices in
+        ``self.last_truncated``, per thread), or raise :class:`~e5kit.engine.InputTooLongError` with
+        ``truncate=False``.
         """
-        return self._encode(texts, None, None, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
-                            show_progress_bar=show_progress_bar, precision=precision,
-                            convert_to_tensor=convert_to_tensor, truncate=truncate, max_batch_tokens=max_batch_tokens)
+        if prompt is not None and prompt_name is not None:
+            raise ValueError("give prompt or prompt_name, not both")
+        if prompt_name is not None and prompt_name not in PROMPT_NAMES:
+            raise ValueError(f"prompt_name must be one of {sorted(PROMPT_NAMES)}, not {prompt_name!r}")
+        if prompt is not None:
+            texts = prompt + texts if isinstance(texts, str) else [prompt + t for t in as_text_list(texts)]
+        return self._encode(texts, PROMPT_NAMES.get(prompt_name), None, batch_size=batch_size,
+                            normalize_embeddings=normalize_embeddings, show_progress_bar=show_progress_bar,
+                            precision=precision, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor,
+                            truncate_dim=truncate_dim, truncate=truncate, max_batch_tokens=max_batch_tokens)
 
     def encode_queries(self, texts: str | Sequence[str], task: str | None = None, **kwargs) -> np.ndarray | torch.Tensor:
         """Embed queries with the model's query convention (``query: `` or the instruct template)."""
+        if task is not None and self.prompt_style != "instruct":
+            warnings.warn(f"task= is ignored: {self.name} is not an instruct model (its queries get "
+                          f"{self.format(['x'], 'query')[0][:-1]!r})", UserWarning, stacklevel=2)
         return self._encode(texts, "query", task, **kwargs)
 
     def encode_passages(self, texts: str | Sequence[str], long: LongMode = "truncate", *, chunk_overlap: int = 64,
@@ -172,9 +194,37 @@ class E5:
             return encode_long(self, texts, long, overlap=chunk_overlap, **kwargs)
         return self._encode(texts, "passage", None, **kwargs)
 
+    def encode_query(self, texts: str | Sequence[str], task: str | None = None, **kwargs):
+        """sentence-transformers' name for :meth:`encode_queries` (a ``prompt``/``prompt_name``
+        given here replaces the query convention, as in ST)."""
+        if "prompt" in kwargs or "prompt_name" in kwargs:
+            return self.encode(texts, **kwargs)
+        return self.encode_queries(texts, task=task, **kwargs)
+
+    def encode_document(self, texts: str | Sequence[str], **kwargs):
+        """sentence-transformers' name for :meth:`encode_passages` (``prompt``/``prompt_name`` as in ST)."""
+        if "prompt" in kwargs or "prompt_name" in kwargs:
+            return self.encode(texts, **kwargs)
+        return self.encode_passages(texts, **kwargs)
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """The embedding size (sentence-transformers' name for :attr:`dim`)."""
+        return self.dim
+
+    @property
+    def max_seq_length(self) -> int:
+        """Token limit per input, special tokens included (sentence-transformers' name)."""
+        return self.max_tokens
+
+    @property
+    def tokenizer(self):
+        """The model's ``tokenizers.Tokenizer`` (a fast tokenizer; not a transformers wrapper)."""
+        return self.engine.tokenizer
+
     def _encode(self, texts, input_type, task, *, batch_size: int = 32, normalize_embeddings: bool = True,
-                show_progress_bar: bool | None = None, precision: Precision = "float32",
-                convert_to_tensor: bool = False, truncate: bool = True, max_batch_tokens: int = 16384):
+                show_progress_bar: bool | None = None, precision: Precision = "float32", convert_to_numpy: bool = True,
+                convert_to_tensor: bool = False, truncate_dim: int | None = None, truncate: bool = True,
+                max_batch_tokens: int = 16384):
         single = isinstance(texts, str)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -190,9 +240,11 @@ class E5:
             )
         pooled = self.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                             progress=show_progress_bar)
-        out = finish(pooled, normalize=normalize_embeddings, precision=precision)
-        if convert_to_tensor and precision == "float32":
+        out = finish(pooled, normalize=normalize_embeddings, dimensions=truncate_dim, precision=precision)
+        if precision == "float32" and (convert_to_tensor or not convert_to_numpy):
             out = torch.from_numpy(out)
+            if not convert_to_tensor:
+                out = list(out)
         return out[0] if single else out
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:

@@ -76,7 +76,10 @@ class Linear(nn.Linear):
         self.act = ACTIVATIONS[activation] if activation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES and not torch.is_grad_enabled():
+        # The direct oneDNN op bypasses autocast: under autocast (training's no-grad GradCache pass) a
+        # bf16 activation would meet an fp32 weight and oneDNN finds no primitive, so F.linear there.
+        if (x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES and x.dtype == self.weight.dtype
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
             attr, algorithm = self.act.post_op if self.act else NO_POST_OP
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
         y = F.linear(x, self.weight, self.bias)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -23,6 +24,9 @@ log = logging.getLogger("e5kit")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+PROGRESS_AFTER_S = 5.0  # an automatic progress bar appears for jobs expected to take longer
 
 
 class InputTooLongError(ValueError):
@@ -269,24 +273,46 @@ class Engine:
         if n == 0:
             return out
         batches = plan_batches([len(s) for s in seqs], batch_size, self.batch_budget(max_batch_tokens))
-        if progress is None:
-            progress = n >= 2048 and sys.stderr.isatty()
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(s) for s in seqs), unit="tok", unit_scale=True, desc="embedding")
+        bar = _Progress(sum(len(s) for s in seqs), progress)
         for b in batches:
             vecs = self.forward([seqs[i] for i in b])
             out[torch.tensor(b)] = vecs.cpu()
             ntok = sum(len(seqs[i]) for i in b)
-            if bar is not None:
-                bar.update(ntok)
+            bar.update(ntok)
             if on_batch is not None:
                 on_batch(len(b), ntok)
-        if bar is not None:
-            bar.close()
+        bar.close()
         return out
+
+
+class _Progress:
+    """A token progress bar on stderr. ``show=None``: on a terminal, once the job is expected (from
+    the speed so far) to take more than ``PROGRESS_AFTER_S`` seconds in all, however few its inputs."""
+
+    def __init__(self, total: int, show: bool | None):
+        self.total, self.show, self.done, self.bar = total, show, 0, None
+        self.t0 = time.perf_counter()
+        self.auto = show is None and sys.stderr.isatty()
+        if show:
+            self._open()
+
+    def _open(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=self.done, unit="tok", unit_scale=True, desc="embedding")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is None and self.auto and self.done < self.total:
+            elapsed = time.perf_counter() - self.t0
+            if elapsed * self.total / self.done > PROGRESS_AFTER_S:
+                self._open()
+        elif self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def default_threads() -> int:

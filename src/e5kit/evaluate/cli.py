@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import load_model, model_options
+from ..cli import load_model, model_options, require_extras
 
 
 @click.command("eval")
@@ -45,6 +45,11 @@ def eval_command(beir_dirs, sts_paths, clf_dirs, split, out, no_prefix, ablate_p
 
     if not (beir_dirs or sts_paths or clf_dirs or compare_dirs):
         raise click.UsageError("give at least one of --beir, --sts, --classification (or --compare)")
+    # before the model is loaded: what each task (and the report's plots) import
+    require_extras("eval", "eval", ["matplotlib"] + (["pytrec_eval"] if beir_dirs else []) +
+                   (["scipy"] if sts_paths else []) + (["sklearn"] if clf_dirs else []))
+    if label is None and Path(model).exists():  # a local model: its folder's name, not "./my-e5" or "/abs/path"
+        label = Path(model).resolve().name
     out = Path(out)
     runs_by_label, metas = {}, {}
     for d in compare_dirs:

@@ -29,7 +29,7 @@ HEADLINE = {"Retrieval": ["ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_100
 
 def run_dirname(label: str) -> str:
     """A folder name for a run label: ``/`` -> ``__`` as MTEB names model folders, other odd runs -> ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label.replace("/", "__")).strip("_") or "run"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label.replace("/", "__")).strip("_.") or "run"  # never hidden
 
 
 def mteb_task_result(run: TaskRun, dataset_revision: str = "local") -> dict:

@@ -222,6 +222,20 @@ def _split_inputs(value: Any, param: str, limit: int) -> tuple[list[str] | None,
     return None, items
 
 
+def _check_own_ids(seqs: Sequence[Sequence[int]], tokenizer, param: str) -> None:
+    """Token ids must be the model's own, as /tokenize gives them: starting with its first special
+    token. Ids from another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken ids) would
+    otherwise be embedded as this vocabulary's tokens: wrong vectors, no error."""
+    first = tokenizer.encode("", add_special_tokens=True).ids[:1]
+    bad = next((i for i, s in enumerate(seqs) if first and s[0] != first[0]), None)
+    if bad is not None:
+        raise APIError(400, f"'{param}' item {bad} does not start with this model's first special token (id "
+                            f"{first[0]}): token ids must be the model's own, as POST /tokenize returns them. Ids from "
+                            "another tokenizer embed as wrong vectors (LangChain's OpenAIEmbeddings sends tiktoken ids "
+                            "unless check_embedding_ctx_length=False; better: e5kit.integrations.langchain); send text",
+                       param=param, code="foreign_token_ids")
+
+
 def _check_dims(dimensions: int | None, dim: int) -> None:
     """Refuse ``dimensions`` beyond the model's before any work is queued."""
     if dimensions is not None and dimensions > dim:
@@ -357,7 +371,9 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
         try:
             if ids is not None:
-                return sm.model.prepare_ids(ids, truncate=truncate)
+                prepared = sm.model.prepare_ids(ids, truncate=truncate)
+                _check_own_ids(prepared.ids, engine.tokenizer, param)
+                return prepared
             input_type = input_type or config.default_input_type
             if sum(len(t) for t in texts) > OFF_LOOP_CHARS:
                 return await asyncio.to_thread(sm.model.prepare, texts, input_type, task=task, truncate=truncate)

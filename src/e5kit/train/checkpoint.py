@@ -6,6 +6,7 @@ and e5kit.json (prompt style, base model)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,12 +32,28 @@ def _st_files(out: Path, dim: int, max_tokens: int, prompt_style: str) -> None:
                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
     (out / "modules.json").write_text(json.dumps(modules, indent=2))
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_tokens, "do_lower_case": False}))
-    prompts = {"query": "query: ", "passage": "passage: "} if prompt_style == "e5" else {}
-    (out / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2))
     (out / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": dim, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
          "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+
+
+def _st_prompts(out: Path, prompt_style: str) -> None:
+    """E5's prefixes under the prompt names sentence-transformers looks for: ``encode_query`` takes
+    ``query``, ``encode_document`` the first of ``document``/``passage``/``corpus`` (and ST 6 fills a
+    missing ``document`` with "", so ``passage`` alone is not enough)."""
+    path = out / "config_sentence_transformers.json"
+    st = read_json(path) if path.exists() else {"default_prompt_name": None, "similarity_fn_name": "cosine"}
+    if prompt_style == "e5":
+        st["prompts"] = {**st.get("prompts", {}), "query": "query: ", "document": "passage: ", "passage": "passage: "}
+    else:
+        st.setdefault("prompts", {})
+    path.write_text(json.dumps(st, indent=2))
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
 
 
 def save_model(encoder: Encoder, source: Path, out: Path, prompt_style: str, base_model: str | None,
@@ -60,8 +77,10 @@ def save_model(encoder: Encoder, source: Path, out: Path, prompt_style: str, bas
     sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.hf_state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; the other files get the usual mode
     tmp.replace(out / "model.safetensors")
     _st_files(out, encoder.cfg.hidden_size, max_tokens, prompt_style)
+    _st_prompts(out, prompt_style)
     write_metadata(out, prompt_style, base_model)
     return out
 

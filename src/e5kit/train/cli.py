@@ -12,44 +12,88 @@ import click
 from ..cli import load_model, model_options
 from .config import TrainConfig, option_type
 
+AMP_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+
 _HELP = {
     "data": "Training jsonl: {query, positive, negatives?, teacher_scores?} per line.",
     "model": "Model to fine-tune (hub id or local directory).",
+    "output_dir": "Where the trained model, metrics.jsonl and checkpoint-N folders go.",
+    "epochs": "Passes over the data (ignored when --max-steps is set).",
+    "max_steps": "Stop after this many steps (overrides --epochs).",
     "batch_size": "Queries per step per process; the contrastive batch is this x processes.",
     "negatives": "Hard negatives per query (0 for pair data).",
-    "chunk_size": "GradCache chunk size in sequences (off when not set).",
+    "chunk_size": "GradCache: sequences encoded at once, bounding memory (off when not set). "
+                  "Not index build's --chunk-size (texts per saved chunk).",
+    "lr": "Peak learning rate (AdamW).",
+    "weight_decay": "AdamW weight decay (not on biases and LayerNorms).",
+    "warmup_steps": "Linear warm-up steps (default: --warmup-ratio of all steps).",
+    "warmup_ratio": "Warm-up as a fraction of all steps, when --warmup-steps is not set.",
+    "max_grad_norm": "Gradient clipping norm (0: off).",
     "temperature": "InfoNCE temperature (E5: 0.01).",
     "alpha": "Weight of InfoNCE next to the KL term when distilling.",
-    "precision": "fp32, bf16 or fp16 autocast.",
-    "resume": "checkpoint-N directory to continue, or 'auto' for the latest in --output-dir.",
-    "eval_data": "BEIR directory to evaluate on every --eval-every steps (needs e5kit.evaluate).",
+    "teacher_temperature": "Softmax temperature of the teacher scores when distilling.",
+    "distill": "Force distillation on/off (default: on when every line has teacher_scores).",
+    "gather": "Score each query against the passages of every process (torchrun).",
+    "query_max_length": "Token limit for queries.",
+    "passage_max_length": "Token limit for passages.",
+    "precision": "fp32, bf16 or fp16 (CUDA only) autocast; the saved model is fp32.",
+    "gradient_checkpointing": "Recompute activations in the backward: less memory, ~30% slower.",
+    "dropout": "Hidden and attention dropout (default: the checkpoint's).",
+    "seed": "Seed for data order, negatives and dropout.",
+    "shuffle": "Shuffle the data every epoch.",
+    "device": "cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available).",
+    "threads": "CPU threads for torch (default: torch's own).",
+    "prompt_style": "Override the model's prompt style: e5, instruct or none.",
+    "task": "Instruction on queries for instruct models.",
     "skip_bad_lines": "Drop malformed lines (with a warning) instead of refusing the file.",
+    "log_every": "Write a metrics.jsonl row every N steps.",
+    "save_every": "Write output-dir/checkpoint-N every N steps (resumable).",
+    "save_total_limit": "Keep only the newest N checkpoint-N folders.",
+    "save_optimizer": "Keep AdamW's state in checkpoints (2x the weights; needed for an exact resume).",
+    "eval_data": "BEIR folder evaluated every --eval-every steps and at the end (needs the eval extra).",
+    "eval_split": "qrels split of --eval-data (default: dev when it has one, else test).",
+    "eval_every": "Evaluate every N steps (default: on the final weights only).",
+    "tensorboard": "Also log to output-dir/tensorboard (needs tensorboard).",
+    "progress": "Progress bar on stderr (default: when stderr is a terminal).",
+    "resume": "checkpoint-N directory to continue, or 'auto' for the latest in --output-dir.",
 }
+SHORT = {"model": "-m", "data": "-d", "output_dir": "-o"}
 
 
 def _train_options(f):
     """One flag per TrainConfig field; None (not given) leaves the config file's value alone."""
+    f = click.option("--dtype", "dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                     help="Same as --precision, in the names embed and serve use.")(f)
     for fld in reversed(dataclasses.fields(TrainConfig)):
         typ, flag = option_type(fld), fld.name.replace("_", "-")
-        help_ = f"{_HELP.get(fld.name, '')} [default: {fld.default}]".strip()
+        default = "not set" if fld.default in (None, "") else fld.default
+        help_ = f"{_HELP[fld.name]} [default: {default}]"
+        names = [f"--{flag}"] + ([SHORT[fld.name]] if fld.name in SHORT else [])
         if typ is bool:
             f = click.option(f"--{flag}/--no-{flag}", fld.name, default=None, help=help_)(f)
         else:
-            f = click.option(f"--{flag}", fld.name, type=typ, default=None, help=help_)(f)
+            f = click.option(*names, fld.name, type=typ, default=None, help=help_)(f)
     return f
 
 
 @click.command("train")
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @_train_options
-def train(config, **flags):
+def train(config, dtype, **flags):
     """Fine-tune (or pre-train) an E5 model with its contrastive recipe.
 
     CONFIG is an optional YAML file of TrainConfig options; flags override it. Multi-process:
     `torchrun --nproc_per_node N -m e5kit train CONFIG` (gloo on CPU, NCCL on GPU).
+    Training runs the exact torch path in --precision; --backend int8 is for embed/serve/index.
+
+    \b
+    e5kit train -m intfloat/multilingual-e5-small -d train.jsonl -o my-e5 --chunk-size 32 --dtype bfloat16
     """
     import logging
 
+    from ..cli import check_device, require_extras
+
+    require_extras("train", "train", ["yaml"])
     import yaml
 
     from ..loading import E5LoadError
@@ -57,13 +101,19 @@ def train(config, **flags):
     from .trainer import train as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if dtype and flags["precision"] and AMP_NAMES[dtype] != AMP_NAMES[flags["precision"]]:
+        raise click.UsageError(f"--dtype {dtype} and --precision {flags['precision']} disagree; give one")
+    flags["precision"] = flags["precision"] or dtype
     try:
+        if config and not Path(config).is_file():
+            raise FileNotFoundError(f"config file {config} does not exist")
         cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
         for k, v in flags.items():
             if v is not None:
                 setattr(cfg, k, v)
+        check_device(cfg.device)
         result = run(cfg)
-    except (DataError, ValueError, FileNotFoundError, E5LoadError, yaml.YAMLError) as e:
+    except (DataError, ValueError, FileNotFoundError, IsADirectoryError, E5LoadError, yaml.YAMLError) as e:
         raise click.ClickException(str(e))
     if result.interrupted:
         click.echo(f"stopped at step {result.steps}; continue with the same command plus --resume auto", err=True)

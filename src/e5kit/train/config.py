@@ -51,8 +51,9 @@ class TrainConfig:
     log_every: int = 1
     save_every: int | None = None  # checkpoint every N steps
     save_total_limit: int | None = 2  # keep the last N step checkpoints
+    save_optimizer: bool = True  # AdamW moments in checkpoints (2x the weights); off: resume restarts them
     eval_data: str | None = None  # BEIR-format directory evaluated every eval_every steps
-    eval_split: str = "dev"
+    eval_split: str | None = None  # None: dev when eval_data has qrels/dev.tsv, else test
     eval_every: int | None = None
     tensorboard: bool = False
     progress: bool | None = None  # None: when stderr is a terminal
@@ -70,23 +71,33 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         import yaml
 
-        d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        try:
+            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of option: value")
         return cls.from_dict(d)
 
     def validate(self) -> None:
         if not self.data:
-            raise ValueError("no training data: set `data` (a jsonl file)")
+            raise ValueError("no training data: give --data (or `data:` in the config file), a jsonl file")
         for name in ("batch_size", "epochs", "query_max_length", "passage_max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise ValueError(f"{flag(name)} must be at least 1")
         if self.negatives < 0 or (self.chunk_size is not None and self.chunk_size < 1):
-            raise ValueError("negatives must be >= 0 and chunk_size >= 1")
+            raise ValueError("--negatives must be >= 0 and --chunk-size >= 1")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+            raise ValueError(f"--precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError("temperature and lr must be positive")
+            raise ValueError("--temperature and --lr must be positive")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError("--eval-every must be at least 1")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a field (``--batch-size``); errors name it, since most runs come from the CLI."""
+    return "--" + name.replace("_", "-")
 
 
 def option_type(f: dataclasses.Field) -> type:
@@ -94,4 +105,4 @@ def option_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).split("|")[0].strip()]
 
 
-__all__ = ["TrainConfig", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA", "PRECISIONS", "option_type"]
+__all__ = ["TrainConfig", "DEFAULT_TEMPERATURE", "DEFAULT_ALPHA", "PRECISIONS", "option_type", "flag"]

@@ -194,6 +194,7 @@ class Trainer:
         # data first: a file that does not parse stops the run before any model is loaded
         self.examples: list[Example] = load_examples(cfg.data, cfg.skip_bad_lines, cfg.negatives, cfg.distill)
         self.distill = self.examples[0].teacher_scores is not None
+        self.eval_split = _check_eval_data(cfg)  # a bad eval folder or split stops the run before step 1
         # the base checkpoint gives config and tokenizer; a resumed run takes its weights from the checkpoint
         self.base = load_checkpoint(cfg.model, prompt_style=cfg.prompt_style)
         self.prompt_style = self.base.spec.prompt_style
@@ -231,7 +232,11 @@ class Trainer:
         if st["world_size"] != self.world or st["batch_size"] != self.cfg.batch_size:
             raise ValueError(f"{d} was written by {st['world_size']} process(es) x batch {st['batch_size']}; "
                              f"resume with the same (now {self.world} x {self.cfg.batch_size}) to continue the same run")
-        self.optimizer.load_state_dict(st["optimizer"])
+        if st.get("optimizer") is not None:
+            self.optimizer.load_state_dict(st["optimizer"])
+        else:
+            log.warning("%s holds no optimizer state (saved with save_optimizer: false): AdamW restarts its "
+                        "moment estimates, so the run continues close to, not exactly like, an uninterrupted one", d)
         self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
@@ -246,7 +251,8 @@ class Trainer:
         if self.rank == 0:
             save_model(self.model, self.base.path, out, self.prompt_style, self.cfg.model, self.base.spec.max_tokens)
             if with_state:
-                torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                optim = self.optimizer.state_dict() if self.cfg.save_optimizer else None
+                torch.save({"step": self.step, "optimizer": optim,
                             "scheduler": self.scheduler.state_dict(),
                             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                             "world_size": self.world, "batch_size": self.cfg.batch_size,
@@ -390,8 +396,11 @@ class Trainer:
                     break
             if not interrupted:
                 self.save(self.output_dir, with_state=False)
-                if cfg.eval_data and cfg.eval_every and self.step % cfg.eval_every:  # final weights, unless just done
+                if cfg.eval_data and (not cfg.eval_every or self.step % cfg.eval_every):  # final weights, unless just done
                     self._evaluate(metrics_f, tb)
+        except Exception:
+            self._save_on_failure()
+            raise
         finally:
             stop.uninstall()
             if bar is not None:
@@ -403,6 +412,19 @@ class Trainer:
             if self._owns_group:
                 dist.destroy_process_group()
         return TrainResult(self.output_dir, self.step, history, interrupted)
+
+    def _save_on_failure(self) -> None:
+        """Keep what was trained when a step or an evaluation fails (one process: with several, the
+        others may be stuck in a collective, so only the last regular checkpoint is there)."""
+        if self.step == 0 or self.world > 1:
+            return
+        try:
+            ck = self.save(self.output_dir / f"checkpoint-{self.step}")
+        except Exception as e:  # the original error matters more
+            log.error("could not save the run after the failure: %s", e)
+            return
+        log.error("the run failed at step %d; %s holds the weights and state so far (continue with --resume auto)",
+                  self.step, ck)
 
     def _tensorboard(self):
         try:
@@ -419,7 +441,7 @@ class Trainer:
             return None
         scores = None
         try:
-            scores = evaluate_model(self.model, self.base, self.cfg)
+            scores = evaluate_model(self.model, self.base, self.cfg, self.eval_split)
         finally:
             self.model.train()
         if scores is not None:
@@ -437,7 +459,32 @@ class Trainer:
 _warned_no_eval = False
 
 
-def evaluate_model(model: Encoder, base, cfg: TrainConfig) -> dict[str, float] | None:
+def _default_split(folder: str) -> str:
+    return "dev" if (Path(folder) / "qrels" / "dev.tsv").exists() else "test"
+
+
+def _check_eval_data(cfg: TrainConfig) -> str | None:
+    """The split evaluated during training, after checking the BEIR folder loads (errors name the
+    option to change); None when there is no evaluation."""
+    if not cfg.eval_data:
+        if cfg.eval_every:
+            raise ValueError("--eval-every needs --eval-data (a BEIR folder)")
+        return None
+    split = cfg.eval_split or _default_split(cfg.eval_data)
+    try:
+        from ..evaluate.data import DatasetError, load_beir
+    except ImportError:
+        return split  # evaluate_model warns once and training goes on
+    try:
+        load_beir(cfg.eval_data, split)
+    except DatasetError as e:
+        raise ValueError(f"--eval-data {cfg.eval_data} --eval-split {split}: {e}") from None
+    if not cfg.eval_every:
+        log.info("evaluating %s (%s) on the final weights only (--eval-every N for every N steps)", cfg.eval_data, split)
+    return split
+
+
+def evaluate_model(model: Encoder, base, cfg: TrainConfig, split: str | None = None) -> dict[str, float] | None:
     """Retrieval scores of the model in training on cfg.eval_data (a BEIR folder) through
     ``e5kit.evaluate.evaluate_retrieval``; None (with one warning) when that module is absent."""
     global _warned_no_eval
@@ -454,7 +501,7 @@ def evaluate_model(model: Encoder, base, cfg: TrainConfig) -> dict[str, float] |
     device = model.embeddings.word.weight.device
     e5 = E5.from_engine(Engine(base, device=device, dtype=torch.float32, encoder=model))
     with torch.no_grad():
-        result = evaluate_retrieval(e5, cfg.eval_data, split=cfg.eval_split)
+        result = evaluate_retrieval(e5, cfg.eval_data, split=split or _default_split(cfg.eval_data))
     scores = getattr(result, "scores", result)
     out = {k: float(v) for k, v in dict(scores).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if hasattr(result, "main_score"):
