@@ -206,6 +206,7 @@ class Engine:
         """Untruncated token counts (special tokens included)."""
         if self._untruncated is None:
             tok = Tokenizer.from_str(self.tokenizer.to_str())
+            tok.encode_special_tokens = self.tokenizer.encode_special_tokens  # not part of to_str()
             tok.no_truncation()
             tok.no_padding()
             self._untruncated = tok
