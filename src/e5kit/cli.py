@@ -91,8 +91,10 @@ def load_model(model, device, dtype, backend, threads):
     from .api import E5
     from .loading import E5LoadError
 
-    try:
-        return E5(model, device=device, dtype=dtype, backend=backend, threads=threads)
+    from .engine import default_threads
+
+    try:  # a command owns its process, so it sets torch's thread count (the library never does unasked)
+        return E5(model, device=device, dtype=dtype, backend=backend, threads=threads or default_threads())
     except (E5LoadError, ValueError) as e:
         raise click.ClickException(str(e))
 

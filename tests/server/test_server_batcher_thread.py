@@ -31,7 +31,7 @@ def test_bad_batch_fails_its_jobs_and_the_worker_lives(engine):
     assert isinstance(bad, RuntimeError) and "embedding failed" in str(bad)
     assert b.alive and b.queued_tokens == 0
     # Pooled, unnormalised: what the engine's forward pass gives.
-    np.testing.assert_allclose(after[0], engine.forward([[2, 10, 11, 3]], normalize=False)[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(after[0], engine.forward([[2, 10, 11, 3]])[0].numpy(), atol=1e-5)
     # It shared a batch with the bad job: the worker retried it alone.
     np.testing.assert_allclose(good[0], after[0], atol=1e-5)
     b.stop()

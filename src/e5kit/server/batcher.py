@@ -291,9 +291,9 @@ class Batcher:
         """One forward pass of full-length rows (the slowest tokens per second) seeds the estimate."""
         tok = self.engine.tokenize(["calibration " * 1000], truncate=True).ids[0]
         rows = [tok] * max(1, min(self.max_batch_size, self.budget // len(tok)))
-        self.engine.forward(rows[:1], normalize=False)  # the first pass may build kernels
+        self.engine.forward(rows[:1])  # the first pass may build kernels
         t0 = time.perf_counter()
-        self.engine.forward(rows, normalize=False)
+        self.engine.forward(rows)
         self._rate.update(len(rows) * len(tok), time.perf_counter() - t0)
 
     def _run(self) -> None:
@@ -361,7 +361,7 @@ class Batcher:
                 log.exception("batch metrics callback failed")
 
     def _forward(self, items: list[tuple[Job, int]]) -> np.ndarray:
-        vecs = self.engine.forward([job.seqs[row] for job, row in items], normalize=False)
+        vecs = self.engine.forward([job.seqs[row] for job, row in items])
         return vecs.float().cpu().numpy()
 
     def _finish(self, items, rows, err) -> None:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..api import E5
 from ..engine import InputTooLongError
+from ..pipeline import Prepared
 from .batcher import Batcher, QueueFull, ShuttingDown, TooManyTokens
 from .config import ServerConfig
 from .errors import APIError
@@ -439,36 +440,12 @@ def split_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
     return None, [list(s) for s in value]
 
 
-# ---- today's pipeline steps (until e5kit.pipeline lands) ------------------------------------------
-
-from ..engine import Tokenized as Prepared  # noqa: E402
-from ..prompts import format_texts  # noqa: E402
-
-
 def _prepare(model: E5, texts: list[str], input_type: str, task: str | None, truncate: bool) -> Prepared:
-    formatted = texts if input_type == "raw" else format_texts(texts, input_type, model.prompt_style, task)
-    p = model.engine.tokenize(formatted, truncate)
-    p.texts = formatted
-    return p
+    return model.prepare(texts, input_type, task=task, truncate=truncate)
 
 
 def _prepare_ids(model: E5, ids: list[list[int]], truncate: bool) -> Prepared:
-    return model.engine.check_ids(ids, truncate=truncate)
-
-
-def finish(vecs: np.ndarray, normalize: bool = True, dimensions: int | None = None, precision: str = "float32",
-           ranges: np.ndarray | None = None) -> np.ndarray:
-    from ..api import quantize_embeddings
-
-    out = vecs
-    if normalize:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    if dimensions is not None:
-        out = out[:, :dimensions]
-        if normalize:
-            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    out = np.ascontiguousarray(out, dtype=np.float32)
-    return quantize_embeddings(out, precision, ranges) if precision != "float32" else out
+    return model.prepare_ids(ids, truncate=truncate)
 
 
 __all__ = ["EmbedService", "Identity", "Lifecycle", "ServedModel", "Authenticate", "Meter", "served_name",

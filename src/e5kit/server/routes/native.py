@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse, Response
 
 from ..errors import APIError
 from ..schemas import SimilarityResponse, TokenizeResponse, body_doc, error_doc
-from ..service import EmbedService, Identity, Prepared, finish, split_inputs
+from ...pipeline import Prepared, finish
+from ..service import EmbedService, Identity, split_inputs
 
 NATIVE_ERRORS = error_doc(400, 401, 404, 408, 413, 415, 422, 429, 503)
 

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..schemas import EmbeddingsResponse, ModelList, ModelCard, UsageReport, body_doc, error_doc
-from ..service import EmbedService, Identity, ServedModel, finish
+from ...pipeline import finish
+from ..service import EmbedService, Identity, ServedModel
 from ..errors import APIError
 
 
