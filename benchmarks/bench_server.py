@@ -249,9 +249,7 @@ def health_probe(model: Path, src: Path, logdir: Path, seconds: float = 30.0) ->
                 lat.append(time.perf_counter() - t0)
                 rss.append(server.rss_mb())
                 time.sleep(0.02)
-        stop.set()
-        for t in threads:
-            t.join(600)
+        stop.set()  # the attack threads are daemons: requests still running end with the server
     finally:
         server.stop()
     lat.sort()
