@@ -34,6 +34,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from ..api import E5
 from ..engine import InputTooLongError
@@ -175,6 +176,8 @@ class EmbedService:
                 raise APIError(415, f"content type must be application/json, not {ctype!r}", code="invalid_json")
         try:
             raw = await asyncio.wait_for(self._read(request), self.config.request_timeout)
+        except ClientDisconnect:  # the client hung up while sending: nobody to answer
+            raise ClientGone()
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {self.config.request_timeout:g} s",
                            code="request_timeout")
