@@ -4,10 +4,14 @@ A bounded async load generator (httpx): C clients, each sending its next request
 one is answered, for D seconds; requests carry 1 or 32 SciFact passages (`input_type: passage`).
 Reports requests/s, tokens/s (from the responses' usage), p50/p99 latency, errors and the server's
 peak RSS per run, then the engine's offline tokens/s on the same texts (E5.encode_passages, batch 32)
-and the ratio. Last, an overload run against a server with a small --max-queued-tokens: more
-clients than it can serve, showing 429s (with Retry-After) instead of memory growth.
+and the ratio. Then the overload run: 512 clients of the longest passages (4 per request) for 60 s
+against the default admission (--max-queue-wait 5): share of 429s, p50/p99 of the admitted requests
+(target: p99 within 2x the wait bound), tokens/s against the engine offline (target >= 80%), RSS.
+Last (--health-probe) /health latency while clients send 6 MB /tokenize requests, for this checkout
+or another one (--src, e.g. an older commit's src/) to compare.
 
     flock /tmp/e5kit-cpu.lock python benchmarks/bench_server.py --duration 30
+    flock /tmp/e5kit-cpu.lock python benchmarks/bench_server.py --clients '' --health-probe
 
 Model: a random-weight e5-small-v2-shaped BERT built from ../shared/models/e5-small-v2-tokenizer
 (weights do not matter for speed), or any checkpoint directory with --model.
@@ -72,10 +76,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, extra: list[str], log: Path):
+    def __init__(self, model: Path, extra: list[str], log: Path, src: Path = ROOT / "src"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, PYTHONPATH=str(src))
         self.log = open(log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "e5kit", "serve", "-m", f"bench={model}", "--port", str(self.port),
@@ -215,6 +219,45 @@ class OfflineEngine:
         return rounds * self.n_tokens / (time.perf_counter() - t0)
 
 
+def health_probe(model: Path, src: Path, logdir: Path, seconds: float = 30.0) -> dict:
+    """/health latency while 4 clients send /tokenize requests of 1,200 ~5 KB texts (~6 MB) in a loop."""
+    import threading
+
+    words = "the cell study of gene and cancer risk in patients protein women summit define".split()
+    text = " ".join(words[i % len(words)] for i in range(700))
+    body = json.dumps({"inputs": [f"{i} {text}" for i in range(1200)]}).encode()
+    server = Server(model, ["--threads", "1"], logdir / "bench_server_health.log", src=src)
+    stop = threading.Event()
+    statuses: dict[int, int] = {}
+
+    def attack():
+        with httpx.Client(base_url=server.url, timeout=600) as c:
+            while not stop.is_set():
+                r = c.post("/tokenize", content=body, headers={"content-type": "application/json"})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+    threads = [threading.Thread(target=attack, daemon=True) for _ in range(4)]
+    lat, rss = [], []
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for t in threads:
+                t.start()
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                t0 = time.perf_counter()
+                c.get("/health")
+                lat.append(time.perf_counter() - t0)
+                rss.append(server.rss_mb())
+                time.sleep(0.02)
+        stop.set()  # the attack threads are daemons: requests still running end with the server
+    finally:
+        server.stop()
+    lat.sort()
+    return {"src": str(src), "probes": len(lat), "p50_ms": 1000 * statistics.median(lat),
+            "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))], "max_ms": 1000 * lat[-1],
+            "tokenize_statuses": statuses, "rss_peak_mb": max(rss)}
+
+
 def fmt_row(r: dict) -> str:
     return (f"| {r['clients']:>3} | {r['texts_per_request']:>2} | {r['req_per_s']:8.1f} | {r['tokens_per_s']:8.0f} | "
             f"{r['p50_ms']:8.0f} | {r['p99_ms']:8.0f} | {r['errors']:>3} | {r['status_429']:>5} | "
@@ -230,8 +273,12 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,32", help="texts per request")
     ap.add_argument("--n-texts", type=int, default=1024, help="SciFact passages to cycle through")
     ap.add_argument("--offline-texts", type=int, default=256, help="passages for the offline engine run")
-    ap.add_argument("--overload-clients", type=int, default=128)
-    ap.add_argument("--overload-queue", type=int, default=32768, help="--max-queued-tokens of the overload server")
+    ap.add_argument("--overload-clients", type=int, default=512, help="0: no overload run")
+    ap.add_argument("--overload-duration", type=float, default=60.0)
+    ap.add_argument("--overload-size", type=int, default=4, help="longest passages per overload request")
+    ap.add_argument("--max-queue-wait", type=float, default=5.0, help="--max-queue-wait of the overload server")
+    ap.add_argument("--health-probe", action="store_true", help="also measure /health under a /tokenize attack")
+    ap.add_argument("--src", type=Path, default=ROOT / "src", help="src/ of the code the health probe serves")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--dtype", default=None, help="--dtype for the server and the offline engine (e.g. bfloat16)")
     ap.add_argument("--backend", default="auto", help="--backend for the server and the offline engine")
@@ -249,54 +296,73 @@ def main() -> None:
     # is shared, so the ratio uses both), with the server up but idle.
     offline_s = max(10.0, args.duration / 2)
     engine = OfflineEngine(model, texts[:args.offline_texts], args.dtype, args.backend)
-    server = Server(model, model_args, logdir / "bench_server.log")
-    runs = []
+    runs, offline, ov, probe = [], [], None, None
     header = ("| clients | texts/req | req/s | tokens/s | p50 ms | p99 ms | errors | 429s | unanswered at end | peak RSS MB |\n"
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    offline = []
-    try:
-        for k, size in enumerate(int(s) for s in args.sizes.split(",")):
-            if k == 0:
-                offline.append(engine.tokens_per_s(offline_s))
-                print(f"engine offline (before): {offline[-1]:.0f} tokens/s", flush=True)
-                print(header, flush=True)
-            for clients in [int(c) for c in args.clients.split(",")]:
-                r = asyncio.run(load(server.url, texts, clients, size, args.duration, server))
-                runs.append(r)
-                print(fmt_row(r), flush=True)
-            if k == 0:
-                offline.append(engine.tokens_per_s(offline_s))
-                print(f"engine offline (after): {offline[-1]:.0f} tokens/s", flush=True)
-        server_hwm = server.peak_rss_mb()
-    finally:
-        code = server.stop()
-    print(f"server peak RSS (VmHWM) {server_hwm:.0f} MB; exit code after SIGTERM {code}", flush=True)
-    ref = sum(offline) / len(offline)
-    print(f"engine offline: {ref:.0f} tokens/s (mean of {', '.join(f'{x:.0f}' for x in offline)}; "
-          f"E5.encode_passages, batch 32, {args.offline_texts} passages, {engine.n_tokens} tokens)", flush=True)
-    top = max(int(c) for c in args.clients.split(","))
-    for r in runs:
-        if r["texts_per_request"] == 1 and r["clients"] == top:
-            print(f"server at {top} single-text clients: {r['tokens_per_s']:.0f} tokens/s = "
-                  f"{r['tokens_per_s'] / ref:.0%} of the engine offline (range {r['tokens_per_s'] / max(offline):.0%}"
-                  f"..{r['tokens_per_s'] / min(offline):.0%}; target >= 80%), errors {r['errors']}", flush=True)
+    clients_list = [int(c) for c in args.clients.split(",") if c]
+    if clients_list:
+        server = Server(model, model_args, logdir / "bench_server.log")
+        try:
+            for k, size in enumerate(int(s) for s in args.sizes.split(",")):
+                if k == 0:
+                    offline.append(engine.tokens_per_s(offline_s))
+                    print(f"engine offline (before): {offline[-1]:.0f} tokens/s", flush=True)
+                    print(header, flush=True)
+                for clients in clients_list:
+                    r = asyncio.run(load(server.url, texts, clients, size, args.duration, server))
+                    runs.append(r)
+                    print(fmt_row(r), flush=True)
+                if k == 0:
+                    offline.append(engine.tokens_per_s(offline_s))
+                    print(f"engine offline (after): {offline[-1]:.0f} tokens/s", flush=True)
+            server_hwm = server.peak_rss_mb()
+        finally:
+            code = server.stop()
+        print(f"server peak RSS (VmHWM) {server_hwm:.0f} MB; exit code after SIGTERM {code}", flush=True)
+        ref = sum(offline) / len(offline)
+        print(f"engine offline: {ref:.0f} tokens/s (mean of {', '.join(f'{x:.0f}' for x in offline)}; "
+              f"E5.encode_passages, batch 32, {args.offline_texts} passages, {engine.n_tokens} tokens)", flush=True)
+        top = max(clients_list)
+        for r in runs:
+            if r["texts_per_request"] == 1 and r["clients"] == top:
+                print(f"server at {top} single-text clients: {r['tokens_per_s']:.0f} tokens/s = "
+                      f"{r['tokens_per_s'] / ref:.0%} of the engine offline (range "
+                      f"{r['tokens_per_s'] / max(offline):.0%}..{r['tokens_per_s'] / min(offline):.0%}; target >= 80%), "
+                      f"errors {r['errors']}", flush=True)
 
-    # Overload: clients that ignore Retry-After against a small queue.
-    ov_server = Server(model, [*model_args, "--max-queued-tokens", str(args.overload_queue)],
-                       logdir / "bench_server_overload.log")
-    try:
-        ov = asyncio.run(load(ov_server.url, texts, args.overload_clients, 32, args.duration, ov_server,
-                              retry_429=0.05))
-        ov_hwm = ov_server.peak_rss_mb()
-    finally:
-        ov_code = ov_server.stop()
-    print(f"overload ({args.overload_clients} clients x 32 texts, --max-queued-tokens {args.overload_queue}): "
-          f"{ov['requests_ok']} ok, {ov['status_429']} answered 429, {ov['errors']} other errors; RSS at 0/25/50/75/100% "
-          f"of the run {' / '.join(f'{x:.0f}' for x in ov['rss_quartiles_mb'])} MB, peak {ov['rss_peak_mb']:.0f} MB "
-          f"(VmHWM {ov_hwm:.0f} MB); p50 {ov['p50_ms']:.0f} ms p99 {ov['p99_ms']:.0f} ms; exit code {ov_code}",
-          flush=True)
+    if args.overload_clients:
+        # Overload: many clients of long texts, each retrying 50 ms after a 429 (ignoring Retry-After).
+        long_texts = sorted(texts, key=len, reverse=True)[:256]
+        long_engine = OfflineEngine(model, long_texts, args.dtype, args.backend)
+        before = long_engine.tokens_per_s(offline_s)
+        ov_server = Server(model, [*model_args, "--max-queue-wait", str(args.max_queue_wait)],
+                           logdir / "bench_server_overload.log")
+        try:
+            ov = asyncio.run(load(ov_server.url, long_texts, args.overload_clients, args.overload_size,
+                                  args.overload_duration, ov_server, retry_429=0.05))
+            ov_hwm = ov_server.peak_rss_mb()
+        finally:
+            ov_code = ov_server.stop()
+        after = long_engine.tokens_per_s(offline_s)
+        ov["offline_tokens_per_s"] = [before, after]
+        answered = ov["requests_ok"] + ov["status_429"]
+        print(f"overload ({args.overload_clients} clients x {args.overload_size} long texts, {args.overload_duration:.0f} s, "
+              f"--max-queue-wait {args.max_queue_wait}): {ov['requests_ok']} ok, {ov['status_429']} answered 429 "
+              f"({ov['status_429'] / max(1, answered):.0%} of answers), {ov['errors']} other errors; admitted p50 "
+              f"{ov['p50_ms']:.0f} ms p99 {ov['p99_ms']:.0f} ms (target p99 <= {2000 * args.max_queue_wait:.0f} ms); "
+              f"{ov['tokens_per_s']:.0f} tokens/s = {ov['tokens_per_s'] / ((before + after) / 2):.0%} of the engine "
+              f"offline on the same texts ({before:.0f} / {after:.0f} before / after); RSS at 0/25/50/75/100% "
+              f"{' / '.join(f'{x:.0f}' for x in ov['rss_quartiles_mb'])} MB (VmHWM {ov_hwm:.0f} MB); "
+              f"exit code {ov_code}", flush=True)
+
+    if args.health_probe:
+        probe = health_probe(model, args.src, logdir)
+        print(f"/health under a 4-client /tokenize attack ({probe['src']}): {probe['probes']} probes, p50 "
+              f"{probe['p50_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, max {probe['max_ms']:.1f} ms; /tokenize "
+              f"statuses {probe['tokenize_statuses']}; server RSS peak {probe['rss_peak_mb']:.0f} MB", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "offline_tokens_per_s": offline, "overload": ov}, indent=2))
+        args.json.write_text(json.dumps({"runs": runs, "offline_tokens_per_s": offline, "overload": ov,
+                                         "health_probe": probe}, indent=2))
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ class Engine:
         tok = self._tokenizers.get(max_tokens)
         if tok is None:
             tok = Tokenizer.from_str(self.tokenizer.to_str())
+            tok.encode_special_tokens = self.tokenizer.encode_special_tokens  # not part of to_str()
             tok.no_padding()
             if max_tokens is None:
                 tok.no_truncation()

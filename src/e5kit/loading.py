@@ -261,17 +261,41 @@ def load_encoder(path: Path, config: EncoderConfig) -> Encoder:
 
 
 def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
-    """The fast tokenizer from tokenizer.json, set to truncate at ``max_tokens`` and not to pad."""
+    """The fast tokenizer from tokenizer.json, set to truncate at ``max_tokens`` and not to pad.
+
+    User text is tokenized as text: a literal ``</s>`` or ``[SEP]`` in an input is split into
+    ordinary pieces, never turned into a special-token id (only the template adds those).
+    """
     f = path / "tokenizer.json"
     if not f.exists():
         raise E5LoadError(f"{f} is missing; e5kit needs the fast tokenizer file that E5 checkpoints ship")
     try:
-        tok = Tokenizer.from_file(str(f))
+        spec = json.loads(f.read_text(encoding="utf-8"))
+        _text_only(spec)
+        tok = Tokenizer.from_str(json.dumps(spec))
     except Exception as e:
         raise E5LoadError(f"{f} could not be read ({e}); re-download it") from e
     tok.no_padding()
     tok.enable_truncation(max_tokens)
+    tok.encode_special_tokens = True
     return tok
+
+
+def _text_only(spec: dict) -> None:
+    """Make special tokens unreachable from text in a Unigram (sentencepiece) vocabulary.
+
+    ``encode_special_tokens`` stops the added-token pass from matching ``</s>``, but XLM-R-style
+    vocabularies also hold ``<s>``, ``</s>``, ``<pad>`` as ordinary pieces, which the model would
+    still pick (sentencepiece itself never emits these control symbols from text). Their scores drop
+    so far that any spelling of the same characters wins; ids and the template are unchanged.
+    """
+    model = spec.get("model") or {}
+    if model.get("type") != "Unigram":
+        return
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    for piece in model.get("vocab", []):
+        if piece[0] in special:
+            piece[1] = -1e9
 
 
 def load_checkpoint(

@@ -1,4 +1,5 @@
-"""Fixtures: real `e5kit serve` processes for the server tests (see server_helpers.py)."""
+"""Fixtures: the app in-process (most tests) and real `e5kit serve` processes (lifecycle, the real
+network stack). See inprocess.py and server_helpers.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from e5kit import E5
 from e5kit.loading import write_metadata
+from e5kit.server import KeyStore, ServerConfig, create_app
+from inprocess import InProcessServer
 from server_helpers import ALICE_KEY, KEY, ServerProcess
 
 
@@ -21,26 +25,20 @@ def tiny_instruct(tiny_bert, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_bert, tiny_xlmr, tiny_instruct, tmp_path_factory):
-    """Three tiny models, two API keys (one from a key file), a 1 MB body limit, a price."""
-    d = tmp_path_factory.mktemp("tiny-server")
-    keyfile = d / "keys.txt"
-    keyfile.write_text(f"# test keys\nalice {ALICE_KEY}\n", encoding="utf-8")
-    server = ServerProcess(
-        ["-m", f"tiny={tiny_bert}", "-m", f"xlmr={tiny_xlmr}", "-m", f"inst={tiny_instruct}",
-         "--api-key", KEY, "--api-key-file", str(keyfile), "--max-body-bytes", "1000000",
-         "--price-per-million", "0.01", "--threads", "1"],
-        d / "server.log", key=KEY)
+def tiny_server(tiny_bert, tiny_xlmr, tiny_instruct):
+    """In-process: three tiny models, two API keys (one labelled), a 1 MB body limit, a price."""
+    keys = KeyStore({"main": KEY, "alice": ALICE_KEY})
+    app = create_app([("tiny", E5(str(tiny_bert))), ("xlmr", E5(str(tiny_xlmr))), ("inst", E5(str(tiny_instruct)))],
+                     ServerConfig(max_body_bytes=1_000_000, price_per_million=0.01), keys)
+    server = InProcessServer(app, key=KEY)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def ml_server(ml_e5, tmp_path_factory):
-    """The real multilingual-e5-small, no keys, a small queue (6000 tokens) so 429 is reachable; one
-    thread, so that a 3k-token job keeps the model busy long enough (~1 s) for the backpressure test."""
+    """A real `e5kit serve` process with the real multilingual-e5-small, no keys."""
     d = tmp_path_factory.mktemp("ml-server")
-    server = ServerProcess(["-m", f"ml={ml_e5}", "--max-queued-tokens", "6000", "--max-batch-tokens", "4096",
-                            "--threads", "1"], d / "server.log")
+    server = ServerProcess(["-m", f"ml={ml_e5}", "--max-batch-tokens", "4096", "--threads", "1"], d / "server.log")
     yield server
     server.stop()

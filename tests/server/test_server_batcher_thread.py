@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from e5kit import E5
-from e5kit.server.batcher import Batcher, ShuttingDown, TooManyTokens
+from e5kit.server.batcher import Batcher, QueueFull, ShuttingDown, TooManyTokens
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def test_bad_batch_fails_its_jobs_and_the_worker_lives(engine):
     (good, bad), after = asyncio.run(run())
     assert isinstance(bad, RuntimeError) and "embedding failed" in str(bad)
     assert b.alive and b.queued_tokens == 0
+    # Pooled, unnormalised: what the engine's forward pass gives.
     np.testing.assert_allclose(after[0], engine.forward([[2, 10, 11, 3]])[0].numpy(), atol=1e-5)
     # It shared a batch with the bad job: the worker retried it alone.
     np.testing.assert_allclose(good[0], after[0], atol=1e-5)
@@ -44,7 +45,6 @@ async def _submit(b, seqs):
 
 
 def test_limits(engine):
-    # Queue-full (429) and cancellation run end to end in test_server_errors.py.
     b = Batcher(engine, "t", max_queued_tokens=600, max_wait=0)
     b.start()
     with pytest.raises(TooManyTokens):
@@ -53,3 +53,23 @@ def test_limits(engine):
     b.stop()
     with pytest.raises(ValueError, match="at least the model's input limit"):
         Batcher(engine, "t", max_batch_tokens=100)
+
+
+def test_admission_arithmetic(engine):
+    """Expected wait = (queued ahead + own) / measured rate; Retry-After = the excess over the bound."""
+    b = Batcher(engine, "t", max_queued_tokens=10_000, max_queue_wait=2.0, calibrate=False)
+    assert b.tokens_per_s == 0
+    b.admit(5000, queued=3000)  # unmeasured: only the cap applies
+    b._rate.update(1000, 1.0)  # 1000 tokens/s
+    b.admit(5000, queued=0)  # nothing ahead: admitted whatever its own size
+    b.admit(500, queued=1500)  # 2.0 s: at the bound
+    with pytest.raises(QueueFull) as e:
+        b.admit(600, queued=1500)  # 2.1 s
+    assert e.value.retry_after == 1 and e.value.expected_wait == pytest.approx(2.1)
+    with pytest.raises(QueueFull) as e:
+        b.admit(1000, queued=6000)  # 7 s: 5 s over the bound
+    assert e.value.retry_after == 5
+    b.max_queue_wait = 100.0
+    with pytest.raises(QueueFull) as e:
+        b.admit(5000, queued=8000)  # over the token cap: until 3000 tokens have gone, 3 s
+    assert e.value.retry_after == 3

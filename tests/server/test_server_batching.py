@@ -1,4 +1,5 @@
-"""Dynamic batching: many concurrent clients get exactly what a lone request gets."""
+"""Dynamic batching: many concurrent clients get exactly what a lone request gets (tiny models
+in-process, the real model behind a real `e5kit serve` process)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,23 @@ def pool(n: int, seed: int = 0, long_every: int = 9) -> list[str]:
     return out
 
 
-async def _singles(url, headers, model, texts):
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as c:
+def _client(server, **kw) -> httpx.AsyncClient:
+    if hasattr(server, "async_client"):
+        return server.async_client(headers=server.headers, **kw)
+    return httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120, **kw)
+
+
+def _run(server, coro):
+    return server.run(coro) if hasattr(server, "run") else asyncio.run(coro)
+
+
+def _get(server, path: str) -> str:
+    c = server.client if hasattr(server, "client") else httpx
+    return c.get(path if hasattr(server, "client") else server.url + path, headers=server.headers).text
+
+
+async def _singles(server, model, texts):
+    async with _client(server) as c:
         out = []
         for t in texts:
             r = await c.post("/v1/embeddings", json={"model": model, "input": t})
@@ -34,12 +50,12 @@ async def _singles(url, headers, model, texts):
         return out
 
 
-async def _concurrent(url, headers, model, texts, clients: int, per_client: int, seed: int):
+async def _concurrent(server, model, texts, clients: int, per_client: int, seed: int):
     rng = random.Random(seed)
     plans = [[rng.sample(range(len(texts)), rng.randint(1, 3)) for _ in range(per_client)] for _ in range(clients)]
 
     async def one_client(plan):
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as c:
+        async with _client(server) as c:
             res = []
             for idx in plan:
                 r = await c.post("/v1/embeddings", json={"model": model, "input": [texts[i] for i in idx]})
@@ -51,16 +67,16 @@ async def _concurrent(url, headers, model, texts, clients: int, per_client: int,
 
 
 def check_concurrency(server, model, texts, clients=50, per_client=4):
-    singles = asyncio.run(_singles(server.url, server.headers, model, texts))
-    before = httpx.get(server.url + "/metrics", headers=server.headers).text
-    got = asyncio.run(_concurrent(server.url, server.headers, model, texts, clients, per_client, seed=1))
+    singles = _run(server, _singles(server, model, texts))
+    before = _get(server, "/metrics")
+    got = _run(server, _concurrent(server, model, texts, clients, per_client, seed=1))
     assert len(got) == clients * per_client
     for idx, status, body in got:
         assert status == 200, body
         vecs = np.array([d["embedding"] for d in body["data"]], np.float32)
         np.testing.assert_allclose(vecs, np.stack([singles[i][0] for i in idx]), atol=1e-5, rtol=0)
         assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == sum(singles[i][1] for i in idx)
-    after = httpx.get(server.url + "/metrics", headers=server.headers).text
+    after = _get(server, "/metrics")
     batches = metric(after, "e5kit_batch_size_count", model=model) - metric(before, "e5kit_batch_size_count", model=model)
     inputs = metric(after, "e5kit_batch_size_sum", model=model) - metric(before, "e5kit_batch_size_sum", model=model)
     n_inputs = sum(len(idx) for idx, _, _ in got)

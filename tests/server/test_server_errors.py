@@ -1,15 +1,13 @@
-"""Every limit and bad input gets its documented status in OpenAI's error shape; keys; backpressure."""
+"""Every limit and bad input gets its documented status in OpenAI's error shape (in-process app)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import httpx
 import openai
 import pytest
 
-from server_helpers import ALICE_KEY, KEY, metric
+from server_helpers import ALICE_KEY, KEY
 from e5kit import E5
 
 LONG = " ".join(["the cell study of gene and cancer risk in patients"] * 80)  # > 512 tokens
@@ -21,53 +19,52 @@ def post(server, path, body=None, *, content=None, headers=None, key=True):
     if content is None:
         content = json.dumps(body)
         h.setdefault("content-type", "application/json")
-    return httpx.post(server.url + path, content=content, headers=h, timeout=60)
+    return server.client.post(path, content=content, headers=h)
 
 
-def assert_error(r: httpx.Response, status: int, *, param: str | None = None, contains: str = "") -> dict:
+def assert_error(r, status: int, *, param: str | None = None, contains: str = "", code: str | None = None) -> dict:
     assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    if status == 400:
+        assert err["type"] == "invalid_request_error"
     if param is not None:
         assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
     assert contains.lower() in err["message"].lower(), err
     return err
 
 
-def oai(server, key=None):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key or server.key or "x", max_retries=0)
-
-
 def test_auth(tiny_server):
-    url = tiny_server.url
-    assert httpx.get(url + "/health").status_code == 200
-    assert httpx.get(url + "/ready").status_code == 200
-    assert httpx.get(url + "/docs").status_code == 200
-    spec = httpx.get(url + "/openapi.json").json()
-    assert "input" in spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"][
-        "properties"]
+    c = tiny_server.client
+    assert c.get("/health").status_code == 200
+    assert c.get("/ready").status_code == 200
+    assert c.get("/docs").status_code == 200
     assert_error(post(tiny_server, "/v1/embeddings", {"input": "a"}, key=False), 401, contains="missing API key")
     assert_error(post(tiny_server, "/embed", {"inputs": "a"}, headers={"Authorization": "Bearer nope"}, key=False),
                  401, contains="invalid API key")
     assert_error(post(tiny_server, "/embed", {"inputs": "a"}, headers={"Authorization": f"Basic {KEY}"}, key=False),
                  401)
+    # A key in the query string is not a credential.
+    assert_error(c.post(f"/v1/embeddings?api_key={KEY}", json={"input": "a"}), 401)
     for path in ("/metrics", "/v1/models", "/v1/usage"):
-        assert_error(httpx.get(url + path), 401)
+        assert_error(c.get(path), 401)
     with pytest.raises(openai.AuthenticationError, match="invalid API key"):
-        oai(tiny_server, "sk-wrong").embeddings.create(input="a", model="tiny")
+        tiny_server.openai("sk-wrong").embeddings.create(input="a", model="tiny")
     with pytest.raises(openai.AuthenticationError):
-        oai(tiny_server, KEY[:-1]).embeddings.create(input="a", model="tiny")  # a prefix of a real key
+        tiny_server.openai(KEY[:-1]).embeddings.create(input="a", model="tiny")  # a prefix of a real key
     for key in (KEY, ALICE_KEY):
-        assert oai(tiny_server, key).embeddings.create(input="a", model="tiny").data
-    assert httpx.get(url + "/metrics", headers=tiny_server.headers).status_code == 200
-    assert KEY not in tiny_server.log() and ALICE_KEY not in tiny_server.log()
+        assert tiny_server.openai(key).embeddings.create(input="a", model="tiny").data
+    assert c.get("/metrics", headers=tiny_server.headers).status_code == 200
 
 
 def test_size_limits(tiny_server):
-    # Body over --max-body-bytes (1 MB here): with Content-Length and chunked.
+    # Body over max_body_bytes (1 MB here): with Content-Length and chunked. 413 on every route.
     big = json.dumps({"input": "a" * 1_000_100})
-    assert_error(post(tiny_server, "/v1/embeddings", content=big), 413, contains="1000000")
+    assert_error(post(tiny_server, "/v1/embeddings", content=big), 413, contains="1000000", code="request_too_large")
 
     def chunks():
         yield b'{"input": "'
@@ -76,17 +73,17 @@ def test_size_limits(tiny_server):
         yield b'"}'
 
     assert_error(post(tiny_server, "/v1/embeddings", content=chunks()), 413, contains="1000000")
-    # More than 2048 inputs.
-    with pytest.raises(openai.APIStatusError, match="2048") as e:
-        oai(tiny_server).embeddings.create(input=["a"] * 2049, model="tiny")
-    assert e.value.status_code == 413 and e.value.body["param"] == "input"
-    assert len(oai(tiny_server).embeddings.create(input=["a"] * 2048, model="tiny").data) == 2048
+    # More than 2048 inputs: OpenAI answers 400 on /v1, the native routes 413.
+    with pytest.raises(openai.BadRequestError, match="2048") as e:
+        tiny_server.openai().embeddings.create(input=["a"] * 2049, model="tiny")
+    assert e.value.status_code == 400 and e.value.body["param"] == "input"
+    assert len(tiny_server.openai().embeddings.create(input=["a"] * 2048, model="tiny").data) == 2048
     assert_error(post(tiny_server, "/embed", {"inputs": ["a"] * 2049}), 413, param="inputs", contains="2048")
     assert_error(post(tiny_server, "/similarity", {"query": "a", "passages": ["a"] * 2048}), 413, param="passages")
 
 
 def test_bad_inputs(tiny_server, tiny_bert):
-    c = oai(tiny_server)
+    c = tiny_server.openai()
     with pytest.raises(openai.BadRequestError, match="empty string"):
         c.embeddings.create(input="", model="tiny")
     with pytest.raises(openai.BadRequestError, match="item 1 is an empty string"):
@@ -97,24 +94,25 @@ def test_bad_inputs(tiny_server, tiny_bert):
         c.embeddings.create(input=[[2, 10 ** 9]], model="tiny")
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         c.embeddings.create(input=[-1], model="tiny")
-    with pytest.raises(openai.UnprocessableEntityError, match="1 to 2048"):
+    with pytest.raises(openai.BadRequestError, match="1 to 2048"):
         c.embeddings.create(input=[], model="tiny")
     with pytest.raises(openai.NotFoundError, match="not served"):
         c.embeddings.create(input="a", model="text-embedding-3-small")
-    # Over-long input: cut by default (usage = the model's 512), 422 naming index and count with truncate=false.
+    # Over-long input: cut by default (usage = the model's 512), an error naming index and count with
+    # truncate=false: 400 on /v1 (as OpenAI's context-length error), 422 on the native routes.
     ok = c.embeddings.create(input=["a", LONG], model="tiny")
     assert ok.usage.total_tokens == 512 + len(E5(str(tiny_bert)).tokenize(["query: a"])[0])
     n = E5(str(tiny_bert)).engine.count_tokens(["query: " + LONG])[0]
-    with pytest.raises(openai.UnprocessableEntityError, match=f"item 1 has {n} tokens.*512") as e:
+    with pytest.raises(openai.BadRequestError, match=f"item 1 has {n} tokens.*512") as e:
         c.embeddings.create(input=["a", LONG], model="tiny", extra_body={"truncate": False})
     assert e.value.body["param"] == "input" and e.value.body["code"] == "input_too_long"
-    with pytest.raises(openai.UnprocessableEntityError, match="item 0 has 600 tokens"):
+    with pytest.raises(openai.BadRequestError, match="item 0 has 600 tokens"):
         c.embeddings.create(input=[[5] * 600], model="tiny", extra_body={"truncate": False})
     assert_error(post(tiny_server, "/tokenize", {"inputs": LONG, "truncate": False}), 422, contains=f"{n} tokens")
     assert_error(post(tiny_server, "/embed", {"inputs": ["x", LONG], "truncate": False}), 422, contains="item 1")
 
 
-@pytest.mark.parametrize("body,param", [
+WRONG = [
     ({"input": 123}, "input"),
     ({"input": ["a", 1]}, "input"),
     ({"input": [[1, "a"]]}, "input"),
@@ -125,35 +123,89 @@ def test_bad_inputs(tiny_server, tiny_bert):
     ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
     ({"input": "a", "dimensions": "8"}, "dimensions"),
     ({"input": "a", "dimensions": 0}, "dimensions"),
+    ({"input": "a", "dimensions": -3}, "dimensions"),
     ({"input": "a", "dimensions": 2.5}, "dimensions"),
+    ({"input": "a", "dimensions": 385}, "dimensions"),
     ({"input": "a", "input_type": "document"}, "input_type"),
     ({"input": "a", "model": 5}, "model"),
     ({"input": "a", "truncate": "no"}, "truncate"),
     ({"input": "a", "user": ["x"]}, "user"),
-])
-def test_wrong_types_are_422(tiny_server, body, param):
-    assert_error(post(tiny_server, "/v1/embeddings", body), 422, param=param)
+    ({"input": "a", "task": ""}, "task"),
+]
+
+
+@pytest.mark.parametrize("body,param", WRONG)
+def test_wrong_fields_are_400_on_v1(tiny_server, body, param):
+    # OpenAI answers 400 invalid_request_error; `except openai.BadRequestError` must catch e5kit's too.
+    assert_error(post(tiny_server, "/v1/embeddings", body), 400, param=param)
+
+
+@pytest.mark.parametrize("field,value", [("dimensions", 0), ("dimensions", "8"), ("input_type", "doc"),
+                                         ("truncate", "no"), ("normalize", 1), ("precision", "fp8")])
+def test_wrong_fields_are_422_native(tiny_server, field, value):
+    assert_error(post(tiny_server, "/embed", {"inputs": "a", field: value}), 422, param=field)
+
+
+def test_openai_client_raises_bad_request(tiny_server):
+    c = tiny_server.openai()
+    for kw in ({"dimensions": 0}, {"dimensions": 10 ** 30}, {"extra_body": {"input_type": "doc"}}):
+        with pytest.raises(openai.BadRequestError):
+            c.embeddings.create(input="a", model="tiny", **kw)
 
 
 def test_malformed_bodies(tiny_server):
-    assert_error(post(tiny_server, "/v1/embeddings", content=b'{"input": "a"'), 422, contains="not valid JSON")
-    assert_error(post(tiny_server, "/v1/embeddings", content=b""), 422, contains="empty")
-    assert_error(post(tiny_server, "/v1/embeddings", content=b'["a"]'), 422, contains="JSON object")
-    assert_error(post(tiny_server, "/v1/embeddings", content=b'{"input": "caf\xe9"}'), 400, contains="UTF-8")
-    assert_error(post(tiny_server, "/v1/embeddings", content=b'{"input": "\\ud800"}'), 400, contains="surrogate")
-    assert_error(post(tiny_server, "/v1/embeddings", content=b"[" * 100_000), 422)
+    v1, native = "/v1/embeddings", "/embed"
+    for path, status in ((v1, 400), (native, 422)):
+        assert_error(post(tiny_server, path, content=b'{"input": "a"'), status, contains="not valid JSON")
+        assert_error(post(tiny_server, path, content=b""), status, contains="empty")
+        assert_error(post(tiny_server, path, content=b'["a"]'), status, contains="JSON object")
+        assert_error(post(tiny_server, path, content=b"[" * 100_000), status)
+    assert_error(post(tiny_server, v1, content=b'{"input": "caf\xe9"}'), 400, contains="UTF-8")
+    assert_error(post(tiny_server, v1, content=b'{"input": "\\ud800"}'), 400, contains="surrogate")
+    # Content type: JSON only (none given is read as JSON).
+    r = post(tiny_server, v1, content=b'{"input": "a"}', headers={"content-type": "text/plain"})
+    assert_error(r, 400, contains="application/json")
+    r = post(tiny_server, native, content=b'{"inputs": "a"}', headers={"content-type": "text/plain"})
+    assert_error(r, 415, contains="application/json")
+    assert post(tiny_server, v1, content=b'{"input": "a"}', headers={"content-type": "application/json; "
+                                                                                     "charset=utf-8"}).status_code == 200
     assert_error(post(tiny_server, "/nowhere", {"input": "a"}), 404)
-    assert_error(httpx.get(tiny_server.url + "/v1/embeddings", headers=tiny_server.headers), 405)
+    assert_error(tiny_server.client.get(v1, headers=tiny_server.headers), 405)
     assert_error(post(tiny_server, "/embed", {"inputs": "a", "precision": "int8", "normalize": False}), 422,
                  param="precision")
     assert_error(post(tiny_server, "/similarity", {"query": "", "passages": ["a"]}), 400, param="query")
     assert_error(post(tiny_server, "/similarity", {"query": "a"}), 422, param="passages")
 
 
+def test_huge_integer_is_400(tiny_server):
+    digits = "9" * 5000
+    for path, field in (("/v1/embeddings", "input"), ("/embed", "inputs")):
+        r = post(tiny_server, path, content=f'{{"{field}": "hi", "dimensions": {digits}}}'.encode())
+        assert_error(r, 400 if path.startswith("/v1") else 422)
+        r = post(tiny_server, path, content=f'{{"{field}": [[{digits}]]}}'.encode())
+        assert_error(r, 400 if path.startswith("/v1") else 422)
+        r = post(tiny_server, path, content=f'{{"{field}": "hi", "dimensions": {"9" * 4000}}}'.encode())
+        assert_error(r, 400 if path.startswith("/v1") else 422, param="dimensions")
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/embed", "/similarity", "/tokenize"])
+def test_task_with_lone_surrogate_is_400(tiny_server, path):
+    body = {"/v1/embeddings": b'{"input": "a", "model": "inst", "task": "\\ud800"}',
+            "/embed": b'{"inputs": "a", "model": "inst", "task": "\\ud800"}',
+            "/similarity": b'{"query": "a", "passages": ["b"], "model": "inst", "task": "x\\udfff"}',
+            "/tokenize": b'{"inputs": "a", "model": "inst", "task": "\\ud800"}'}[path]
+    assert_error(post(tiny_server, path, content=body), 400, param="task", contains="surrogate")
+    r = post(tiny_server, path, content=body.replace(b'"model"', b'"user": "\\ud83d", "model"'))
+    assert r.status_code == 400
+
+
 def test_nothing_a_client_sends_is_a_500(tiny_server):
     bodies = [b"null", b"0", b'"x"', b"{}", b'{"input": NaN}', b'{"input": ["\\u0000"]}', b'{"input": [[0]]}',
               b'{"input": "' + "🙂".encode() * 2000 + b'"}', b'{"input": [[1e400]]}', b'{"input": [' + b"1," * 5000 + b"1]}",
               b'{"input": ["a"], "dimensions": 99999999999999999999}', b'{"input": "\\t\\n "}', b"\xef\xbb\xbf{}",
+              b'{"input": "a", "model": "\\ud800"}', b'{"\\ud800": 1, "input": "a"}', b'{"input": [["a"]]}',
+              b'{"input": [[]]}', b'{"input": [[-1]]}', b'{"input": ' + b"[" * 50 + b"]" * 50 + b"}",
+              b'{"inputs": "a", "query": "a", "passages": [""]}', b'{"input": "a\\u0000b", "inputs": "\\u0000"}',
               json.dumps({"input": ["x" * 50_000]}).encode()]
     for path in ("/v1/embeddings", "/embed", "/tokenize", "/similarity"):
         for b in bodies:
@@ -161,64 +213,5 @@ def test_nothing_a_client_sends_is_a_500(tiny_server):
             assert r.status_code < 500, (path, b[:60], r.text)
             if r.status_code >= 400:
                 assert_error(r, r.status_code)
-    assert httpx.get(tiny_server.url + "/ready").status_code == 200  # the workers are alive
-    assert oai(tiny_server).embeddings.create(input="still fine", model="tiny").data
-
-
-def test_backpressure_and_disconnect(ml_server):
-    """A running 3k-token job: a 3k more is refused (429), a queued client that leaves is dropped."""
-    url = ml_server.url
-    big = [f"{i} {LONG}" for i in range(6)]  # 6 x 512 tokens
-
-    async def scenario():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-            before = (await c.get("/metrics")).text
-            a = asyncio.create_task(c.post("/v1/embeddings", json={"input": big, "model": "ml"}))
-            await asyncio.sleep(0.2)  # A is in the model now (for ~1 s: the server runs one thread)
-            over = await c.post("/v1/embeddings", json={"input": big, "model": "ml"})
-            try:  # B waits behind A, then its client gives up
-                await c.post("/v1/embeddings", json={"input": big[:5], "model": "ml"}, timeout=0.2)
-                raise AssertionError("B should have timed out")
-            except httpx.TimeoutException:
-                pass
-            ra = await a
-            await asyncio.sleep(0.3)
-            after = (await c.get("/metrics")).text
-            return before, over, ra, after
-
-    before, over, ra, after = asyncio.run(scenario())
-    assert ra.status_code == 200 and ra.json()["usage"]["total_tokens"] == 6 * 512
-    err = assert_error(over, 429, contains="busy")
-    assert err["type"] == "rate_limit_error" and int(over.headers["retry-after"]) >= 1
-    assert metric(after, "e5kit_dropped_inputs_total", model="ml") - metric(before, "e5kit_dropped_inputs_total",
-                                                                            model="ml") == 5
-    assert metric(after, "e5kit_model_tokens_total", model="ml") - metric(before, "e5kit_model_tokens_total",
-                                                                          model="ml") == 6 * 512
-    assert metric(after, "e5kit_queue_tokens", model="ml") == 0
-    assert metric(after, "e5kit_requests_total", route="/v1/embeddings", status="429") >= 1
-    # The openai client raises RateLimitError on the same condition; one request over the whole queue is 413.
-    with pytest.raises(openai.APIStatusError, match="more than this server queues") as e:
-        oai(ml_server).embeddings.create(input=big * 2, model="ml")
-    assert e.value.status_code == 413
-    assert httpx.get(url + "/ready").status_code == 200
-
-
-def test_rate_limit_error_class(ml_server):
-    big = [f"{i} {LONG}" for i in range(6)]
-
-    async def scenario():
-        async with httpx.AsyncClient(base_url=ml_server.url, timeout=120) as c:
-            a = asyncio.create_task(c.post("/v1/embeddings", json={"input": big, "model": "ml"}))
-            await asyncio.sleep(0.3)
-            client = openai.AsyncOpenAI(base_url=ml_server.url + "/v1", api_key="x", max_retries=0)
-            try:
-                await client.embeddings.create(input=big, model="ml")
-            except openai.RateLimitError as e:
-                err = e
-            else:
-                err = None
-            await a
-            return err
-
-    err = asyncio.run(scenario())
-    assert isinstance(err, openai.RateLimitError) and err.response.headers["retry-after"]
+    assert tiny_server.client.get("/ready").status_code == 200  # the workers are alive
+    assert tiny_server.openai().embeddings.create(input="still fine", model="tiny").data

@@ -1,4 +1,5 @@
-"""The OpenAI route with the real `openai` client, against e5kit's library output."""
+"""The OpenAI route with the real `openai` client, against e5kit's library output (in-process app;
+the last test runs the real model behind a real `e5kit serve` process)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ TEXTS = ["how much protein should a female eat", "summit define", "query: alread
 
 
 def client(server, key: str | None = None) -> openai.OpenAI:
+    if hasattr(server, "openai"):  # in-process
+        return server.openai(key)
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key or server.key or "unused", max_retries=0)
 
 
@@ -73,7 +76,7 @@ def test_dimensions_truncate_and_renormalise(tiny_server, tiny_lib):
         np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(openai.BadRequestError, match="dimensions"):
         c.embeddings.create(input="a", model="tiny", dimensions=tiny_lib.dim + 1)
-    with pytest.raises(openai.UnprocessableEntityError, match="dimensions"):
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
         c.embeddings.create(input="a", model="tiny", dimensions=0)
 
 
@@ -94,8 +97,8 @@ def test_models_and_aliases(tiny_server, tiny_xlmr, tiny_lib):
 
 def test_tokenize_shows_prefixes_and_task(tiny_server):
     def tok(model, inputs, **kw):
-        r = httpx.post(tiny_server.url + "/tokenize", json={"model": model, "inputs": inputs, **kw},
-                       headers=tiny_server.headers)
+        r = tiny_server.client.post("/tokenize", json={"model": model, "inputs": inputs, **kw},
+                                    headers=tiny_server.headers)
         assert r.status_code == 200, r.text
         return r.json()["data"]
 
@@ -128,15 +131,16 @@ def test_task_changes_instruct_embedding(tiny_server, tiny_instruct):
 
 def test_native_embed_and_similarity(tiny_server, tiny_lib):
     h = tiny_server.headers
-    r = httpx.post(tiny_server.url + "/embed", json={"inputs": TEXTS, "input_type": "passage"}, headers=h)
+    post = tiny_server.client.post
+    r = post("/embed", json={"inputs": TEXTS, "input_type": "passage"}, headers=h)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(np.array(r.json(), np.float32), tiny_lib.encode_passages(TEXTS), atol=1e-5)
-    raw = httpx.post(tiny_server.url + "/embed", json={"inputs": TEXTS, "normalize": False}, headers=h).json()
+    raw = post("/embed", json={"inputs": TEXTS, "normalize": False}, headers=h).json()
     np.testing.assert_allclose(np.array(raw, np.float32),
                                tiny_lib.encode_queries(TEXTS, normalize_embeddings=False), atol=1e-4)
-    b = httpx.post(tiny_server.url + "/embed", json={"inputs": TEXTS, "precision": "ubinary"}, headers=h).json()
+    b = post("/embed", json={"inputs": TEXTS, "precision": "ubinary"}, headers=h).json()
     np.testing.assert_array_equal(np.array(b, np.uint8), np.packbits(tiny_lib.encode_queries(TEXTS) > 0, axis=-1))
-    s = httpx.post(tiny_server.url + "/similarity", json={"query": "protein", "passages": TEXTS}, headers=h).json()
+    s = post("/similarity", json={"query": "protein", "passages": TEXTS}, headers=h).json()
     want = tiny_lib.similarity(tiny_lib.encode_queries("protein"), tiny_lib.encode_passages(TEXTS))[0]
     np.testing.assert_allclose(s["scores"], want, atol=1e-3)
     assert [x["index"] for x in s["ranking"]] == list(np.argsort(-want, kind="stable"))
@@ -144,7 +148,7 @@ def test_native_embed_and_similarity(tiny_server, tiny_lib):
 
 def test_usage_metering_per_key(tiny_server, tiny_lib):
     def usage(key):
-        r = httpx.get(tiny_server.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"})
+        r = tiny_server.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200
         return r.json()
 
@@ -156,7 +160,7 @@ def test_usage_metering_per_key(tiny_server, tiny_lib):
     assert after["total_tokens"] == before["total_tokens"] + resp.usage.total_tokens
     assert after["cost_usd"] == pytest.approx(after["total_tokens"] * 0.01 / 1e6)
     assert after["models"]["tiny"]["tokens"] >= resp.usage.total_tokens
-    text = httpx.get(tiny_server.url + "/metrics", headers=tiny_server.headers).text
+    text = tiny_server.client.get("/metrics", headers=tiny_server.headers).text
     assert metric(text, "e5kit_tokens_total", key="alice", model="tiny") == after["models"]["tiny"]["tokens"]
     assert metric(text, "e5kit_requests_total", key="alice", route="/v1/embeddings", status="200") >= 1
     assert KEY not in text and ALICE_KEY not in text
@@ -180,3 +184,40 @@ def test_real_model_openai_parity(ml_server, ml_e5):
     assert s["ranking"][0]["index"] == 0
     u = httpx.get(ml_server.url + "/v1/usage").json()
     assert u["key"] == "anonymous" and u["total_tokens"] > 0
+
+
+def test_tokenize_reports_what_the_model_sees(tiny_server, tiny_lib):
+    """Literal special-token strings in user text are text: /tokenize and /v1/embeddings agree."""
+    text = "protein [SEP] for [PAD] women [CLS]"
+    r = tiny_server.client.post("/tokenize", json={"model": "tiny", "inputs": text}, headers=tiny_server.headers)
+    d = r.json()["data"][0]
+    ids = [t["id"] for t in d["tokens"]]
+    assert ids == tiny_lib.tokenize(tiny_lib.format([text], "query"))[0]
+    assert [t["special"] for t in d["tokens"]] == [True] + [False] * (len(ids) - 2) + [True]
+    special_ids = {tiny_lib.engine.tokenizer.token_to_id(s) for s in ("[SEP]", "[PAD]", "[CLS]")}
+    assert not special_ids & set(ids[1:-1])
+    resp = client(tiny_server).embeddings.create(input=text, model="tiny")
+    assert resp.usage.total_tokens == len(ids)
+    by_ids = client(tiny_server).embeddings.create(input=ids, model="tiny")
+    np.testing.assert_allclose(vectors(resp), vectors(by_ids), atol=1e-6)
+
+
+def test_default_model_id_is_a_name_not_a_path(tiny_bert):
+    """`-m /abs/path/dir` is served as "dir": no filesystem path in responses or errors."""
+    from e5kit.server import create_app
+    from e5kit.server.service import served_name
+    from inprocess import InProcessServer
+
+    name = served_name(str(tiny_bert))
+    assert name == tiny_bert.name and "/" not in name
+    server = InProcessServer(create_app([(name, E5(str(tiny_bert)))]))
+    try:
+        c = server.client
+        texts = [c.get("/ready").text, c.get("/v1/models").text,
+                 c.post("/v1/embeddings", json={"input": "a"}).text,
+                 c.post("/v1/embeddings", json={"input": "a", "model": "nope"}).text]
+        for t in texts:
+            assert str(tiny_bert.parent) not in t, t
+        assert client(server).embeddings.create(input="a", model=name).model == name
+    finally:
+        server.stop()

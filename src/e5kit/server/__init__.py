@@ -3,6 +3,9 @@
 ``create_app`` builds the FastAPI app; ``e5kit serve`` (:mod:`e5kit.server.cli`) runs it.
 """
 
-from .app import ServerConfig, create_app
+from .app import create_app
+from .auth import KeyStore
+from .config import ServerConfig
+from .service import Identity
 
-__all__ = ["create_app", "ServerConfig"]
+__all__ = ["create_app", "ServerConfig", "KeyStore", "Identity"]

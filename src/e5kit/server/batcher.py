@@ -8,10 +8,16 @@ with :func:`e5kit.engine.plan_batches` (at most ``max_batch_size`` inputs per pa
 job's asyncio future with ``loop.call_soon_threadsafe`` once all its rows are done. The event loop
 never runs the model; a failing batch fails only the jobs in it, never the worker.
 
-Backpressure: tokens admitted but not yet embedded are counted; a job that would push the count
-past ``max_queued_tokens`` is refused with :class:`QueueFull` (the server answers 429 with a
-Retry-After estimated from recent throughput). A cancelled job (its client went away) has its
-queued sequences dropped before they reach the model.
+Admission by expected wait: the worker measures its throughput (tokens per second of forward
+time, over recent full batches; one calibration pass at start seeds it). A job is admitted only if
+the tokens queued ahead of it plus its own, at that rate, are done within ``max_queue_wait``
+seconds (or nothing is queued ahead of it); otherwise :class:`QueueFull` carries a Retry-After from
+the same estimate. ``max_queued_tokens`` stays a hard cap, and a job larger than it alone is
+:class:`TooManyTokens`. A cancelled job (its client went away) has its queued sequences dropped
+before they reach the model.
+
+The vectors are mean-pooled and unnormalised (``Engine.forward``); normalisation, ``dimensions``
+and precision are :func:`e5kit.pipeline.finish`'s, applied by the caller.
 """
 
 from __future__ import annotations
@@ -28,16 +34,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..engine import Engine, plan_batches
+from .config import MAX_BATCH_SIZE, MAX_BATCH_TOKENS, MAX_QUEUED_TOKENS
 
 log = logging.getLogger("e5kit.server")
 
 
 class QueueFull(RuntimeError):
-    """The queue holds too many tokens to admit this job now."""
+    """Admitting this job now would break the wait bound (or the token cap)."""
 
-    def __init__(self, queued: int, limit: int, retry_after: int):
-        self.queued, self.limit, self.retry_after = queued, limit, retry_after
-        super().__init__(f"the server is busy: {queued} tokens queued (limit {limit}); retry in {retry_after} s")
+    def __init__(self, queued: int, expected_wait: float, bound: float, retry_after: int):
+        self.queued, self.expected_wait, self.bound, self.retry_after = queued, expected_wait, bound, retry_after
+        super().__init__(f"the server is busy: {queued} tokens queued ahead, this request would finish in about "
+                         f"{expected_wait:.1f} s (limit {bound:g} s); retry in {retry_after} s")
 
 
 class TooManyTokens(ValueError):
@@ -78,17 +86,28 @@ class BatchStats:
     seconds: float
 
 
-@dataclass
 class _Throughput:
-    tokens_per_s: float = 0.0
-    samples: int = 0
+    """Tokens per second of forward time over the last ``window`` seconds of well-filled batches."""
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self._samples: deque[tuple[int, float]] = deque()
+        self._tokens, self._seconds = 0, 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._tokens / self._seconds if self._seconds > 0 else 0.0
 
     def update(self, tokens: int, seconds: float) -> None:
         if seconds <= 0:
             return
-        rate = tokens / seconds
-        self.tokens_per_s = rate if self.samples == 0 else 0.8 * self.tokens_per_s + 0.2 * rate
-        self.samples += 1
+        self._samples.append((tokens, seconds))
+        self._tokens += tokens
+        self._seconds += seconds
+        while len(self._samples) > 1 and self._seconds - self._samples[0][1] >= self.window:
+            t, s = self._samples.popleft()
+            self._tokens -= t
+            self._seconds -= s
 
 
 def _resolve(fut: asyncio.Future, value=None, exc: BaseException | None = None) -> None:
@@ -107,21 +126,26 @@ class Batcher:
         self,
         engine: Engine,
         name: str,
-        max_batch_tokens: int = 16384,
-        max_batch_size: int = 32,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        max_batch_size: int = MAX_BATCH_SIZE,
         max_wait: float = 0.002,
-        max_queued_tokens: int = 1 << 20,
+        max_queued_tokens: int = MAX_QUEUED_TOKENS,
+        max_queue_wait: float = 5.0,
+        calibrate: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_drop: Callable[[int], None] | None = None,
     ):
         if max_batch_tokens < engine.max_tokens:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least the model's input limit "
                              f"({engine.max_tokens}) so every input fits in a batch")
-        if max_batch_size < 1 or max_queued_tokens < 1 or max_wait < 0:
-            raise ValueError("max_batch_size and max_queued_tokens must be positive and max_wait >= 0")
+        if max_batch_size < 1 or max_queued_tokens < 1 or max_wait < 0 or max_queue_wait <= 0:
+            raise ValueError("max_batch_size, max_queued_tokens and max_queue_wait must be positive and max_wait >= 0")
         self.engine, self.name = engine, name
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
-        self.max_wait, self.max_queued_tokens = max_wait, max_queued_tokens
+        self.max_wait, self.max_queued_tokens, self.max_queue_wait = max_wait, max_queued_tokens, max_queue_wait
+        self.budget = engine.batch_budget(max_batch_tokens)  # padded tokens per forward pass
+        self.calibrate = calibrate
+        self.ready = threading.Event()  # set once the worker runs (after its calibration pass)
         self.on_batch, self.on_drop = on_batch, on_drop
         self._cond = threading.Condition()
         self._pending: deque[tuple[Job, int, float]] = deque()  # (job, row, arrival time)
@@ -145,13 +169,31 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def retry_after(self, queued: int | None = None) -> int:
-        """Seconds until the queue has likely drained (1..60), from recent throughput."""
+    @property
+    def tokens_per_s(self) -> float:
+        """Measured throughput (0 until the first measurement)."""
+        return self._rate.tokens_per_s
+
+    def expected_wait(self, n_tokens: int, queued: int | None = None) -> float:
+        """Seconds until a job of ``n_tokens`` admitted now would be done (0 while unmeasured)."""
         queued = self._queued_tokens if queued is None else queued
         rate = self._rate.tokens_per_s
-        if rate <= 0:
-            return 1
-        return int(min(60, max(1, math.ceil(queued / rate))))
+        return (queued + n_tokens) / rate if rate > 0 else 0.0
+
+    def admit(self, n_tokens: int, queued: int | None = None) -> None:
+        """Raise :class:`QueueFull` unless a job of ``n_tokens`` may be queued now (see the module doc)."""
+        queued = self._queued_tokens if queued is None else queued
+        if queued == 0:  # nothing ahead: the job can only wait for itself
+            return
+        wait = self.expected_wait(n_tokens, queued)
+        over_cap = queued + n_tokens > self.max_queued_tokens
+        if wait > self.max_queue_wait or over_cap:
+            rate = self._rate.tokens_per_s
+            if over_cap:  # until enough of the queue has gone for this job to fit under the cap
+                free_in = (queued + n_tokens - self.max_queued_tokens) / rate if rate > 0 else 1.0
+            else:
+                free_in = wait - self.max_queue_wait
+            raise QueueFull(queued, wait, self.max_queue_wait, int(min(60, max(1, math.ceil(free_in)))))
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -172,7 +214,8 @@ class Batcher:
     # ---- the event-loop side ---------------------------------------------------------------
 
     def submit(self, seqs: Sequence[Sequence[int]]) -> Job:
-        """Queue token-id sequences; the returned job's future resolves to an (n, dim) float32 array.
+        """Queue token-id sequences; the returned job's future resolves to an (n, dim) float32 array
+        of pooled, unnormalised vectors.
 
         Must be called from the event loop thread that will await the future.
         """
@@ -191,18 +234,15 @@ class Batcher:
         with self._cond:
             if self._stopping or not self.alive:
                 raise ShuttingDown(f"model {self.name} is not accepting work")
-            if self._queued_tokens + n_tokens > self.max_queued_tokens:
-                raise QueueFull(self._queued_tokens, self.max_queued_tokens, self.retry_after())
+            self.admit(n_tokens)
             self._queued_tokens += n_tokens
             self._pending.extend((job, i, now) for i in range(len(seqs)))
             self._cond.notify()
         return job
 
     def check_room(self, min_tokens: int) -> None:
-        """Raise :class:`QueueFull` now if even ``min_tokens`` would not fit (saves tokenizing a doomed request)."""
-        queued = self._queued_tokens
-        if queued and queued + min_tokens > self.max_queued_tokens:
-            raise QueueFull(queued, self.max_queued_tokens, self.retry_after(queued))
+        """:meth:`admit` for a lower bound of a job's tokens (saves tokenizing a doomed request)."""
+        self.admit(min_tokens)
 
     def cancel(self, job: Job) -> None:
         """Drop the job's sequences that have not reached the model yet."""
@@ -247,7 +287,22 @@ class Batcher:
                     return True
         return False
 
+    def _calibrate(self) -> None:
+        """One forward pass of full-length rows (the slowest tokens per second) seeds the estimate."""
+        tok = self.engine.tokenize(["calibration " * 1000], truncate=True).ids[0]
+        rows = [tok] * max(1, min(self.max_batch_size, self.budget // len(tok)))
+        self.engine.forward(rows[:1])  # the first pass may build kernels
+        t0 = time.perf_counter()
+        self.engine.forward(rows)
+        self._rate.update(len(rows) * len(tok), time.perf_counter() - t0)
+
     def _run(self) -> None:
+        if self.calibrate:
+            try:
+                self._calibrate()
+            except Exception:  # the first real batch measures instead
+                log.exception("model %s: calibration pass failed", self.name)
+        self.ready.set()
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
@@ -270,7 +325,7 @@ class Batcher:
     def _process(self, window: list[tuple[Job, int]]) -> None:
         lengths = [len(job.seqs[row]) for job, row in window]
         # The window may be large; each forward pass keeps to the engine's (cache-sized on CPU) budget.
-        for part in plan_batches(lengths, self.max_batch_size, self.engine.batch_budget(self.max_batch_tokens)):
+        for part in plan_batches(lengths, self.max_batch_size, self.budget):
             self._run_part([window[i] for i in part])
 
     def _run_part(self, items: list[tuple[Job, int]]) -> None:
@@ -297,17 +352,17 @@ class Batcher:
             return
         dt = time.perf_counter() - t0
         self._finish(items, rows, None)
-        self._rate.update(ntok, dt)
+        if ntok * 4 >= self.budget:  # short batches (a quiet queue) say little about throughput
+            self._rate.update(ntok, dt)
         if self.on_batch is not None:
             try:
                 self.on_batch(BatchStats(size=len(items), tokens=ntok, seconds=dt))
             except Exception:  # metrics must not break serving
                 log.exception("batch metrics callback failed")
 
-    def _forward(self, items: list[tuple[Job, int]]) -> list[np.ndarray]:
-        # Pooled, unnormalised rows: the request handler finishes them (e5kit.pipeline.finish).
-        arr = self.engine.forward([job.seqs[row] for job, row in items]).float().cpu().numpy()
-        return list(arr)
+    def _forward(self, items: list[tuple[Job, int]]) -> np.ndarray:
+        vecs = self.engine.forward([job.seqs[row] for job, row in items])
+        return vecs.float().cpu().numpy()
 
     def _finish(self, items, rows, err) -> None:
         finished: list[Job] = []

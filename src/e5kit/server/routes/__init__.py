@@ -1,0 +1,1 @@
+"""Routers per API family: OpenAI (/v1/*), native (/embed, /similarity, /tokenize), operations."""

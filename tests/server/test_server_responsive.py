@@ -1,0 +1,71 @@
+"""The event loop stays free: /health answers within 100 ms while large /tokenize requests are
+being worked on (a real `e5kit serve` process); large token-id bodies are parsed off the loop."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+
+from server_helpers import ServerProcess
+
+WORDS = "the cell study of gene and cancer risk in patients protein women summit define".split()
+
+
+def _probe_while(server, jobs) -> list[float]:
+    """/health latencies (s) while ``jobs`` (threads) run."""
+    lat = []
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        c.get("/health")
+        for t in jobs:
+            t.start()
+        while any(t.is_alive() for t in jobs):
+            t0 = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    for t in jobs:
+        t.join()
+    return sorted(lat)
+
+
+def test_health_stays_fast_under_big_requests(tiny_bert, tmp_path):
+    server = ServerProcess(["-m", f"t={tiny_bert}", "--max-response-bytes", "8000000"], tmp_path / "server.log")
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(700))  # ~5 KB, over 512 tokens
+    big = json.dumps({"inputs": [f"{i} {text}" for i in range(1200)]}).encode()  # ~6 MB
+    small = json.dumps({"inputs": [f"{i} {text}" for i in range(20)]}).encode()
+    ids = json.dumps({"input": [[5 + (i % 50)] * 512 for i in range(2000)]}).encode()  # ~3 MB of token ids
+    results: dict[str, list] = {"big": [], "ids": [], "small": []}
+
+    def send(kind, path, body, n):
+        def go():
+            with httpx.Client(base_url=server.url, timeout=300) as c:
+                for _ in range(n):
+                    r = c.post(path, content=body, headers={"content-type": "application/json"})
+                    results[kind].append((r.status_code, r.json()))
+        return threading.Thread(target=go)
+
+    try:
+        lat = _probe_while(server, [send("big", "/tokenize", big, 1), send("big", "/tokenize", big, 1),
+                                    send("small", "/tokenize", small, 3)])
+        # The big answers would pass the 8 MB response cap: 413 (or 429 while the pool is full).
+        for status, body in results["big"]:
+            assert status in (413, 429), (status, body)
+        assert any(s == 413 and b["error"]["code"] == "response_too_large" for s, b in results["big"])
+        assert all(s == 200 and len(b["data"]) == 20 for s, b in results["small"]), results["small"]
+        p95, p99 = lat[int(len(lat) * 0.95)], lat[int(len(lat) * 0.99)]
+        print(f"/health during /tokenize attack: {len(lat)} probes, p95 {p95 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+              f"max {lat[-1] * 1000:.1f} ms")
+        # Within 100 ms for 95% of probes; the slowest also wait for the OS scheduler on a machine
+        # shared with other jobs (quiet-machine figures: BENCHMARKS.md), hence the looser bound on the max.
+        assert len(lat) >= 10 and p95 < 0.1 and lat[-1] < 1.0, lat[-5:]
+        # A large token-id body: parsed and checked in the pool. json.loads itself holds the
+        # interpreter for its duration, so the bound here is looser (measured in BENCHMARKS.md).
+        lat = _probe_while(server, [send("ids", "/v1/embeddings", ids, 1)])
+        assert [s for s, _ in results["ids"]] == [200]
+        print(f"/health during a 3 MB token-id request: {len(lat)} probes, max {lat[-1] * 1000:.1f} ms")
+        assert lat[-1] < 1.0, lat[-5:]
+    finally:
+        server.stop()
