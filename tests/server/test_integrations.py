@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from e5kit import E5
-from server_helpers import KEY
+from server_helpers import KEY, ServerProcess
 
 pytest.importorskip("langchain_core")
 pytest.importorskip("llama_index.core")
@@ -21,6 +21,16 @@ from e5kit.integrations.llamaindex import E5Embedding  # noqa: E402
 DOCS = ["gene study of cancer risk", "protein intake per day for women", "the summit of the mountain"]
 QUERY = "how much protein should a female eat"
 TASK = "Given a question, retrieve passages that answer it"
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_bert, tiny_instruct, tmp_path_factory):
+    """A real `e5kit serve` process: the frameworks' own HTTP clients must reach it over TCP."""
+    d = tmp_path_factory.mktemp("integrations-server")
+    server = ServerProcess(["-m", f"tiny={tiny_bert}", "-m", f"inst={tiny_instruct}", "--api-key", KEY,
+                            "--threads", "1"], d / "server.log", key=KEY)
+    yield server
+    server.stop()
 
 
 def _expected(path, task=None):
