@@ -4,12 +4,34 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_python(*args: str, env: dict[str, str] | None = None, clean_env: bool = False, stdin: str | None = None,
+               cwd: str | Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process that imports this checkout's e5kit (src/ first on PYTHONPATH).
+
+    ``env`` adds variables; ``clean_env`` starts from nothing but PATH (no inherited HF_* / OMP_*).
+    The one subprocess runner of the test suite: CLI, offline and thread tests all go through it."""
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")} if clean_env else dict(os.environ)
+    full = base | (env or {})
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), full.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True, env=full, cwd=cwd,
+                          timeout=timeout)
+
+
+def run_e5kit(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The ``e5kit`` command (``python -m e5kit ARGS``) through :func:`run_python`."""
+    return run_python("-m", "e5kit", *args, **kwargs)
 
 _WORDS = ("the a of and to in is was for on that with as by at from it an be this are which or has "
           "protein female eat summit define cdc guideline average requirement women grams day chart "

@@ -1,23 +1,19 @@
 """The `e5kit` command line, run as a real subprocess."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from e5kit import E5
+from helpers import run_e5kit
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def run(*args, stdin=None, check=True):
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-m", "e5kit", *args], input=stdin, capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = run_e5kit(*args, stdin=stdin, timeout=120)
     if check:
         assert out.returncode == 0, out.stderr
     return out

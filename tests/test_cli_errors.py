@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from e5kit.cli import main
+from helpers import run_python
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 NO_CUDA = not torch.cuda.is_available()
@@ -73,8 +73,7 @@ def test_user_mistakes_give_a_message_not_a_traceback(tiny_bert, scifact, tmp_pa
 
 
 def _run(code: str, *args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    return run_python("-c", code, *args, env={"HF_HUB_OFFLINE": "1"}, clean_env=True, timeout=300)
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="needs a torch without CUDA")

@@ -10,11 +10,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_e5kit
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -25,9 +25,7 @@ def blocks(doc: str, lang: str) -> list[str]:
 
 
 def e5kit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "e5kit", *args], capture_output=True, text=True, env=env, cwd=cwd,
-                       timeout=600)
+    r = run_e5kit(*args, env={"HF_HUB_OFFLINE": "1"}, cwd=cwd, timeout=600)
     assert r.returncode == 0 and "Traceback" not in r.stderr, f"e5kit {' '.join(args)}:\n{r.stderr[-3000:]}"
     return r
 

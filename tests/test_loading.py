@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from e5kit import E5, E5LoadError
 from e5kit.loading import load_checkpoint, write_metadata
-from helpers import reference_embed
+from helpers import reference_embed, run_e5kit, run_python
 
 TEXTS = ["query: how much protein should a female eat", "passage: the cell study", "a"]
 
@@ -39,8 +38,8 @@ def make_hub_cache(cache, repo_id, model_dir, revision="0123456789abcdef01234567
 
 
 def _run_offline(cache, code):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HOME": str(cache)}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HOME": str(cache)}
+    return run_python("-c", code, env=env, clean_env=True, timeout=120)
 
 
 def test_load_from_hub_cache_offline(tiny_bert, tmp_path):
@@ -198,9 +197,9 @@ def test_checkpoint_spec_from_config(tiny_xlmr):
 # ---- `e5kit download`, `e5kit models`, `e5kit info` without network ------------------------------
 
 def _cli(cache, *args):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PATH": "/usr/bin:/bin", "HOME": str(cache),
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HOME": str(cache),
            "PYTHONPATH": os.pathsep.join(sys.path), "E5KIT_CACHE": str(cache / "e5kit")}
-    return subprocess.run([sys.executable, "-m", "e5kit", *args], env=env, capture_output=True, text=True, timeout=120)
+    return run_e5kit(*args, env=env, clean_env=True, timeout=120)
 
 
 def test_download_arguments_and_offline_errors(tiny_bert, tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from e5kit.encoder import Linear, PackedLinear, bucket_rows, embed_batch
 from e5kit.loading import load_encoder
 from e5kit.quant import (ONEDNN_MIN_ROWS, PROBE_TEXTS, Int8Linear, Int8QualityError, amx_supported, build_int8, int8_plan,
                          quantize_linears)
-from helpers import PARITY_TEXTS, reference_embed
+from helpers import PARITY_TEXTS, reference_embed, run_e5kit, run_python
 
 pytestmark = pytest.mark.filterwarnings("ignore::e5kit.api.TruncationWarning")
 
@@ -140,7 +138,7 @@ def test_omp_num_threads_respected(tiny_bert, omp):
             f"E5({str(tiny_bert)!r}); lib = torch.get_num_threads(); "
             f"load_model({str(tiny_bert)!r}, None, None, 'auto', None); "
             "print(before, lib, torch.get_num_threads(), len(os.sched_getaffinity(0)))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = run_python("-c", code, env=env, clean_env=True, timeout=120)
     assert out.returncode == 0, out.stderr
     before, lib, cli, cores = map(int, out.stdout.split()[-4:])
     assert lib == before
@@ -148,9 +146,7 @@ def test_omp_num_threads_respected(tiny_bert, omp):
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=SRC)
-    return subprocess.run([sys.executable, "-m", "e5kit", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return run_e5kit(*args, timeout=120)
 
 
 def test_cli_backend_option(tiny_bert):
