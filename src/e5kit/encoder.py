@@ -92,8 +92,8 @@ class Linear(nn.Linear):
 class PackedLinear(nn.Module):
     """Inference-only CPU :class:`Linear` whose weight is packed once into oneDNN's blocked layout.
 
-    A plain linear through oneDNN re-lays out its weight on every call; packing once makes a short
-    query's linears ~1.7x faster and full batches ~5% (BENCHMARKS.md). The activation, if any, is
+    A plain linear through oneDNN re-lays out its weight on every call; packing once saves that,
+    most for short queries (figures: BENCHMARKS.md, "CPU kernels"). The activation, if any, is
     fused into the GEMM. Build with :func:`pack_linears`.
     """
 
@@ -183,7 +183,7 @@ class EncoderConfig:
 def bucket_rows(n: int) -> int:
     """``n`` rounded up to a coarse bucket (multiples of 16, or of 1/16 of n's power of two when
     larger): at most ~6% more rows, but few distinct GEMM shapes. oneDNN builds a kernel per shape
-    (~10 ms each on CPU), so with exact sizes every new batch would pay that again."""
+    (milliseconds each on CPU), so with exact sizes every new batch would pay that again."""
     step = max(16, (1 << (n.bit_length() - 1)) // 16)
     return -(-n // step) * step
 

@@ -4,7 +4,7 @@ Linear layers become :class:`Int8Linear`: weights int8 with one scale per output
 from the fp32 checkpoint at load time (about a second for a small model, so nothing is cached on
 disk); activations quantized to 8 bits per call over their own range (dynamic quantization),
 int32 accumulation. Which kernel, which layers and which float type for the rest is an
-:class:`Int8Plan`, chosen per CPU by measurement (BENCHMARKS.md, "Speed"):
+:class:`Int8Plan`, chosen per CPU by measurement (BENCHMARKS.md, "CPU kernels"):
 
 - CPUs with AMX (Sapphire Rapids and later): oneDNN's AMX int8 GEMM for the QKV, attention-output
   and first feed-forward layers, everything else in bf16 on AMX. The second feed-forward layer

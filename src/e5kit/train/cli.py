@@ -37,7 +37,7 @@ _HELP = {
     "query_max_length": "Token limit for queries.",
     "passage_max_length": "Token limit for passages.",
     "precision": "fp32, bf16 or fp16 (CUDA only) autocast; the saved model is fp32.",
-    "gradient_checkpointing": "Recompute activations in the backward: less memory, ~30% slower.",
+    "gradient_checkpointing": "Recompute activations in the backward: less memory, one extra forward pass of compute.",
     "dropout": "Hidden and attention dropout (default: the checkpoint's).",
     "seed": "Seed for data order, negatives and dropout.",
     "shuffle": "Shuffle the data every epoch.",
