@@ -95,6 +95,29 @@ class Document(NamedTuple):
         return beir_document(self.title, self.text)
 
 
+def read_document(where: str, rec: dict, *, id_field: str | None = None, title_field: str | None = "title",
+                  text_field: str = "text", metadata_fields: tuple[str, ...] = (), store_text: bool = True,
+                  error: type[Exception] = CorpusError) -> Document:
+    """One corpus record -> a :class:`Document`: the id (``id_field``, else ``_id`` or ``id``), the text,
+    an optional title, the chosen metadata (plus title/text when ``store_text``). ``where`` names the
+    record in the ``error`` raised for a missing id or text. Shared by ``index build`` and ``embed-corpus``."""
+    id_field = id_field or ("_id" if "_id" in rec else "id")
+    doc_id = rec.get(id_field)
+    if doc_id is None or str(doc_id).strip() == "":
+        raise error(f"{where}: no id in field {id_field!r} (choose the field with --id-field)")
+    text = rec.get(text_field)
+    if not isinstance(text, str):
+        raise error(f"{where}: no string field {text_field!r} (choose it with --text-field)")
+    title = rec.get(title_field) if title_field else None
+    title = title if isinstance(title, str) else None
+    meta: dict = {f: rec.get(f) for f in metadata_fields}
+    if store_text:
+        if title:
+            meta["title"] = title
+        meta["text"] = text
+    return Document(str(doc_id), title, text, meta or None)
+
+
 class Corpus:
     """A corpus file read as (id, title, text, metadata) documents."""
 
@@ -110,21 +133,9 @@ class Corpus:
 
     def __iter__(self) -> Iterator[Document]:
         for where, rec in iter_records(self.path, self.fmt):
-            id_field = self.id_field or ("_id" if "_id" in rec else "id")
-            doc_id = rec.get(id_field)
-            if doc_id is None or str(doc_id).strip() == "":
-                raise CorpusError(f"{where}: no id in field {id_field!r} (choose the field with --id-field)")
-            text = rec.get(self.text_field)
-            if not isinstance(text, str):
-                raise CorpusError(f"{where}: no string field {self.text_field!r} (choose it with --text-field)")
-            title = rec.get(self.title_field) if self.title_field else None
-            title = title if isinstance(title, str) else None
-            meta: dict = {f: rec.get(f) for f in self.metadata_fields}
-            if self.store_text:
-                if title:
-                    meta["title"] = title
-                meta["text"] = text
-            yield Document(str(doc_id), title, text, meta or None)
+            yield read_document(where, rec, id_field=self.id_field, title_field=self.title_field,
+                                text_field=self.text_field, metadata_fields=self.metadata_fields,
+                                store_text=self.store_text)
 
     def fingerprint(self) -> dict:
         """What identifies this corpus file for resuming: its path and :func:`fingerprint`."""

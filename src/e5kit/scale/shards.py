@@ -160,21 +160,12 @@ def read_records(spec: ShardSpec) -> Iterator[tuple[str, dict]]:
 
 def document(where: str, rec: dict, fields: Fields) -> tuple[str, str, str]:
     """(id, document text as E5's authors embed it - title + ' ' + text, metadata as JSON)."""
-    id_field = fields.id_field or ("_id" if "_id" in rec else "id")
-    doc_id = rec.get(id_field)
-    if doc_id is None or str(doc_id).strip() == "":
-        raise CorpusInputError(f"{where}: no id in field {id_field!r} (choose the field with --id-field)")
-    text = rec.get(fields.text_field)
-    if not isinstance(text, str):
-        raise CorpusInputError(f"{where}: no string field {fields.text_field!r} (choose it with --text-field)")
-    title = rec.get(fields.title_field) if fields.title_field else None
-    title = title if isinstance(title, str) else None
-    meta = {f: rec.get(f) for f in fields.metadata_fields}
-    if fields.store_text:
-        if title:
-            meta["title"] = title
-        meta["text"] = text
-    return str(doc_id), beir_document(title, text), json.dumps(meta, ensure_ascii=False, default=str)
+    from ..index.build import read_document
+
+    d = read_document(where, rec, id_field=fields.id_field, title_field=fields.title_field,
+                      text_field=fields.text_field, metadata_fields=tuple(fields.metadata_fields),
+                      store_text=fields.store_text, error=CorpusInputError)
+    return d.id, beir_document(d.title, d.text), json.dumps(d.metadata or {}, ensure_ascii=False, default=str)
 
 
 def vectors_table(ids: list[str], vectors: np.ndarray, metadata: list[str]) -> pa.Table:
