@@ -184,7 +184,7 @@ def test_eval_cli_writes_mteb_results_and_report(tiny_mlsmall, tiny_beir, small_
     assert r2.exit_code == 0, r2.output
     md2 = (tmp_path / "out2" / "report.md").read_text()
     header = next(ln for ln in md2.splitlines() if ln.startswith("| task"))
-    assert "again" in header and str(tiny_mlsmall) in header
+    assert "again" in header and Path(tiny_mlsmall).name in header  # a local model is named by its folder
 
 
 def test_eval_cli_errors(tmp_path):
