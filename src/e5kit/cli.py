@@ -21,6 +21,8 @@ LAZY_COMMANDS = {
     "train": "e5kit.train.cli:train",
     "mine": "e5kit.train.cli:mine",
     "filter": "e5kit.train.cli:filter_command",
+    "accounts": "e5kit.service.cli:accounts_cli",
+    "keys": "e5kit.service.cli:keys_cli",
 }
 
 

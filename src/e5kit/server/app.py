@@ -293,6 +293,7 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
     app.state.meter = meter
     app.state.models = served
     app.state.config = config
+    app.state.meter_hook = None  # async (identity, model, n_inputs, tokens); raising refuses the request
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 
@@ -330,6 +331,8 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
             raise APIError(401, "invalid API key", code="invalid_api_key")
         labels["key"] = label
         return label
+
+    app.state.authorize = authorize  # the auth seam: app.dependency_overrides[app.state.authorize]
 
     def pick_model(request: Request, name: str | None) -> ServedModel:
         # While draining, requests that reached us are still served: uvicorn has stopped accepting
@@ -401,9 +404,11 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
             raise APIError(500, "the model produced non-finite values", "server_error")
         return out
 
-    def meter_usage(key: str, sm: ServedModel, tok: Tokenized) -> int:
+    async def meter_usage(key: str, sm: ServedModel, tok: Tokenized) -> int:
         n = tok.n_tokens
-        meter.record(key, sm.name, len(tok.ids), n)
+        if app.state.meter_hook is not None:  # e.g. the service's ledger: committed before the 200
+            await app.state.meter_hook(key, sm.name, len(tok.ids), n)
+        meter.record(str(key), sm.name, len(tok.ids), n)
         return n
 
     # ---- OpenAI ----
@@ -421,7 +426,7 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
         except _ClientGone:
             return Response(status_code=499)
         vecs = _truncate_dims(vecs, req.dimensions, sm.dim, True)
-        n = meter_usage(key, sm, tok)
+        n = await meter_usage(key, sm, tok)
         if req.encoding_format == "base64":
             data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
                     for i, v in enumerate(vecs)]
@@ -465,7 +470,7 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
         except _ClientGone:
             return Response(status_code=499)
         vecs = _truncate_dims(vecs, req.dimensions, sm.dim, req.normalize)
-        n = meter_usage(key, sm, tok)
+        n = await meter_usage(key, sm, tok)
         if req.precision in ("int8", "uint8"):
             # Fixed range [-1, 1] (normalised vectors): the result does not depend on the rest of the request.
             ranges = np.stack([-np.ones(vecs.shape[1], np.float32), np.ones(vecs.shape[1], np.float32)])
@@ -492,7 +497,7 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
             vecs = await embed(request, sm, tok, True)
         except _ClientGone:
             return Response(status_code=499)
-        n = meter_usage(key, sm, tok)
+        n = await meter_usage(key, sm, tok)
         scores = (vecs[1:] @ vecs[0]) * 100.0
         order = np.argsort(-scores, kind="stable")
         return {"object": "similarity", "model": sm.name, "scores": scores.tolist(),

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..cli import load_model, model_options
+from ..service.cli import service_options
 
 
 def parse_model_arg(value: str) -> tuple[str | None, str]:
@@ -46,9 +47,10 @@ def parse_model_arg(value: str) -> tuple[str | None, str]:
               help="Seconds to let in-flight requests finish after SIGTERM.")
 @click.option("--access-log/--no-access-log", default=True, help="Log one line per request (keys are never logged).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@service_options
 def serve(model, device, dtype, backend, threads, host, port, api_keys, api_key_file, default_input_type,
           auto_truncate, max_inputs, max_body_bytes, max_batch_tokens, max_batch_size, max_wait_ms,
-          max_queued_tokens, price_per_million, drain_timeout, access_log, log_level):
+          max_queued_tokens, price_per_million, drain_timeout, access_log, log_level, **service):
     """Serve E5 models over HTTP: OpenAI /v1/embeddings, /embed, /similarity, /tokenize, /metrics.
 
     \b
@@ -85,6 +87,10 @@ def serve(model, device, dtype, backend, threads, host, port, api_keys, api_key_
                  str(m.dtype).replace("torch.", ""))
     try:
         app = create_app(loaded, config, keys)
+        if service["database_url"]:  # accounts, ledger, limits, pages (e5kit.service)
+            from ..service.cli import install_from_options
+
+            install_from_options(app, keys, price_per_million=price_per_million, **service)
     except ValueError as e:
         raise click.ClickException(str(e))
     import torch

@@ -1,0 +1,106 @@
+"""The usage ledger: one committed row per successful embedding request, written before its 200.
+
+A request's row, its token-limit counters and its key's last-use time are one transaction: either
+all are committed (and only then is the response sent) or none is (and the client gets an error,
+so nothing is billed for it). A client that lost a response (the server died after the commit)
+can retry with the same ``Idempotency-Key``: the retry gets its 200 and is not billed twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from sqlalchemy import func, literal_column, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+
+from .accounts import Identity
+from .db import ApiKey, Usage, utcnow
+from .limits import charge
+
+# Prices in USD per million tokens, by checkpoint (the seed's hosted e5-large-v2: $0.010 / Mtoken).
+DEFAULT_PRICES = {"intfloat/e5-large-v2": 0.010}
+
+
+class Ledger:
+    def __init__(self, db: sessionmaker, prices: dict[str, float] | None = None):
+        self.db = db
+        self.prices = dict(prices or {})
+
+    def price(self, model: str) -> float:
+        return float(self.prices.get(model, 0.0))
+
+    def record(self, identity: Identity, model: str, inputs: int, tokens: int) -> bool:
+        """Commit one request's usage; False if this Idempotency-Key was billed already.
+
+        Raises LimitExceeded (nothing written) when the tokens would cross a limit.
+        """
+        now = utcnow()
+        price = self.price(model)
+        try:
+            with self.db.begin() as s:
+                if identity.request_key is not None and s.scalar(
+                        select(Usage.id).where(Usage.key_label == identity.label,
+                                               Usage.request_key == identity.request_key)) is not None:
+                    return False
+                charge(s, identity.limits, tokens, time.time())
+                s.add(Usage(created_at=now, user_id=identity.user_id, key_id=identity.key_id, key_label=identity.label,
+                            request_key=identity.request_key, model=model, inputs=inputs, tokens=tokens,
+                            price_per_million=price, cost_usd=tokens * price / 1e6))
+                if identity.key_id is not None:  # at most one write a minute per key
+                    s.execute(update(ApiKey).where(ApiKey.id == identity.key_id, or_(
+                        ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - dt.timedelta(seconds=60)))
+                        .values(last_used_at=now))
+        except IntegrityError:  # the same Idempotency-Key committed by a concurrent request
+            return False
+        return True
+
+    def report(self, *, user_id: int | None = None, key_label: str | None = None, group_by: str = "day",
+               model: str | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict:
+        """Requests, inputs, tokens and cost by period x model x key, and their totals."""
+        if user_id is None and key_label is None:
+            raise ValueError("report needs a user or a key")
+        with self.db() as s:
+            period = _period(s.bind.dialect.name, group_by)
+            q = (select(period.label("period"), Usage.model, Usage.key_label, func.count(Usage.id),
+                        func.sum(Usage.inputs), func.sum(Usage.tokens), func.sum(Usage.cost_usd))
+                 .group_by(period, Usage.model, Usage.key_label).order_by(period, Usage.model, Usage.key_label))
+            if user_id is not None:
+                q = q.where(Usage.user_id == user_id)
+            if key_label is not None:
+                q = q.where(Usage.key_label == key_label)
+            if model is not None:
+                q = q.where(Usage.model == model)
+            if since is not None:
+                q = q.where(Usage.created_at >= since)
+            if until is not None:
+                q = q.where(Usage.created_at < until)
+            rows = s.execute(q).all()
+        data = [{"period": str(p), "model": m, "key": k, "requests": int(n), "inputs": int(i), "tokens": int(t),
+                 "cost_usd": float(c)} for p, m, k, n, i, t, c in rows]
+        total = {f: sum(d[f] for d in data) for f in ("requests", "inputs", "tokens", "cost_usd")}
+        return {"object": "usage", "group_by": group_by, "data": data, "total": total}
+
+    def daily_tokens(self, user_id: int, days: int = 30) -> list[tuple[str, int, float]]:
+        """(YYYY-MM-DD, tokens, cost) for each of the last ``days`` days, zeros included (for the plot)."""
+        today = utcnow().date()
+        start = today - dt.timedelta(days=days - 1)
+        rep = self.report(user_id=user_id, group_by="day", since=dt.datetime.combine(start, dt.time()))
+        by_day: dict[str, list] = {}
+        for d in rep["data"]:
+            acc = by_day.setdefault(d["period"][:10], [0, 0.0])
+            acc[0] += d["tokens"]
+            acc[1] += d["cost_usd"]
+        return [((start + dt.timedelta(days=i)).isoformat(),) + tuple(by_day.get((start + dt.timedelta(days=i)).isoformat(), (0, 0.0)))
+                for i in range(days)]
+
+
+def _period(dialect: str, group_by: str):
+    if group_by not in ("day", "month", "total"):
+        raise ValueError("group_by must be day, month or total")
+    if group_by == "total":
+        return literal_column("'all'")
+    if dialect == "postgresql":
+        return func.to_char(Usage.created_at, "YYYY-MM-DD" if group_by == "day" else "YYYY-MM")
+    return func.strftime("%Y-%m-%d" if group_by == "day" else "%Y-%m", Usage.created_at)
