@@ -113,16 +113,18 @@ def add_pages(app: FastAPI, service: Service) -> None:
         email, password = str(form.get("email", ""))[:320], str(form.get("password", ""))[:1024]
         check_csrf(str(form.get("csrf", "")), request.cookies.get(LOGIN_CSRF_COOKIE))
         where = request.client.host if request.client else "-"
-        scopes = (f"login-ip {where}", f"login-user {email.strip().lower()}")
+        n = service.config.login_attempts
+        # per account, and per client address (looser: many users may share one address)
+        scopes = ((f"login-user {email.strip().lower()}", n), (f"login-ip {where}", 4 * n))
 
         def attempt():
             with service.db() as s:
-                if any(count(s, sc, LOGIN_WINDOW_S) >= service.config.login_attempts for sc in scopes):
+                if any(count(s, sc, LOGIN_WINDOW_S) >= limit for sc, limit in scopes):
                     return "throttled"
             user = accounts.authenticate(service.db, email, password)
             if user is None:
                 with service.db.begin() as s:
-                    for sc in scopes:
+                    for sc, _ in scopes:
                         hit(s, sc, LOGIN_WINDOW_S, 1 << 30)
                 return None
             return user
