@@ -3,19 +3,18 @@ a SQLite file, and a private PostgreSQL cluster from Debian's packages (skipped 
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from server_helpers import ServerProcess, free_port  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_helpers import ServerProcess  # noqa: E402
+
+from pg import Postgres, PostgresUnavailable  # noqa: E402
 
 from e5kit.service.accounts import create_key, create_user  # noqa: E402
 from e5kit.service.db import open_db  # noqa: E402
@@ -71,39 +70,17 @@ def sqlite_service(tiny_bert, tmp_path_factory):
 
 # ---- PostgreSQL ------------------------------------------------------------------------------------
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
     """A private PostgreSQL cluster in a temp dir on 127.0.0.1 (as the postgres user when run as root)."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
-    root = Path(tempfile.mkdtemp(prefix="e5kit-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as a non-root user")
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", free_port()
-
-    def run(*cmd):
-        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)
-
-    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "e5kit", "--no-sync")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-t", "60", "-o",
-        f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200", "start")
     try:
-        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "e5kit", "e5kit")
-        yield f"postgresql://e5kit@127.0.0.1:{port}/e5kit"
+        pg = Postgres()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield pg.url
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+        pg.stop()
 
 
 def wait_until(pred, timeout: float = 10.0, step: float = 0.05) -> bool:

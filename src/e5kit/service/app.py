@@ -153,7 +153,7 @@ def install_service(app: FastAPI, config: ServiceConfig, keys: KeyStore | None =
 
     async def meter(identity: Identity, model: str, n_inputs: int, tokens: int) -> None:
         try:
-            await asyncio.to_thread(service.ledger.record, identity, model, n_inputs, tokens)
+            await asyncio.wrap_future(service.ledger.submit(identity, model, n_inputs, tokens))
         except LimitExceeded as e:
             raise _limit_error(e)
         except SQLAlchemyError:

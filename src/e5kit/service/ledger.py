@@ -9,52 +9,115 @@ can retry with the same ``Idempotency-Key``: the retry gets its 200 and is not b
 from __future__ import annotations
 
 import datetime as dt
+import queue
+import threading
 import time
+from concurrent.futures import Future
 
-from sqlalchemy import func, literal_column, or_, select, update
+from sqlalchemy import func, insert, literal_column, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from .accounts import Identity
 from .db import ApiKey, Usage, utcnow
-from .limits import charge
+from .limits import LimitExceeded, charge
 
 # Prices in USD per million tokens, by checkpoint (the seed's hosted e5-large-v2: $0.010 / Mtoken).
 DEFAULT_PRICES = {"intfloat/e5-large-v2": 0.010}
 
 
 class Ledger:
-    def __init__(self, db: sessionmaker, prices: dict[str, float] | None = None):
+    """Writes usage rows with group commit: one writer thread takes every record waiting, writes
+    them in one transaction and answers each caller after the commit (one fsync for many requests)."""
+
+    def __init__(self, db: sessionmaker, prices: dict[str, float] | None = None, max_batch: int = 512):
         self.db = db
         self.prices = dict(prices or {})
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def price(self, model: str) -> float:
         return float(self.prices.get(model, 0.0))
 
-    def record(self, identity: Identity, model: str, inputs: int, tokens: int) -> bool:
-        """Commit one request's usage; False if this Idempotency-Key was billed already.
+    def submit(self, identity: Identity, model: str, inputs: int, tokens: int) -> Future:
+        """A future that is True once the row is committed, False if this Idempotency-Key was billed
+        already; its exception is LimitExceeded (nothing written) or the database's error."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._writer, name="e5kit-ledger", daemon=True)
+                self._thread.start()
+        fut: Future = Future()
+        self._queue.put((identity, model, inputs, tokens, fut))
+        return fut
 
-        Raises LimitExceeded (nothing written) when the tokens would cross a limit.
-        """
-        now = utcnow()
-        price = self.price(model)
-        try:
-            with self.db.begin() as s:
-                if identity.request_key is not None and s.scalar(
-                        select(Usage.id).where(Usage.key_label == identity.label,
-                                               Usage.request_key == identity.request_key)) is not None:
-                    return False
-                charge(s, identity.limits, tokens, time.time())
-                s.add(Usage(created_at=now, user_id=identity.user_id, key_id=identity.key_id, key_label=identity.label,
-                            request_key=identity.request_key, model=model, inputs=inputs, tokens=tokens,
-                            price_per_million=price, cost_usd=tokens * price / 1e6))
-                if identity.key_id is not None:  # at most one write a minute per key
-                    s.execute(update(ApiKey).where(ApiKey.id == identity.key_id, or_(
-                        ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - dt.timedelta(seconds=60)))
-                        .values(last_used_at=now))
-        except IntegrityError:  # the same Idempotency-Key committed by a concurrent request
-            return False
-        return True
+    def record(self, identity: Identity, model: str, inputs: int, tokens: int) -> bool:
+        """Commit one request's usage (blocking); see :meth:`submit`."""
+        return self.submit(identity, model, inputs, tokens).result()
+
+    def _writer(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self._write(batch)
+            except IntegrityError:  # a concurrent replica committed one of these Idempotency-Keys
+                results = []
+                for item in batch:
+                    try:
+                        results.append(self._write([item])[0])
+                    except IntegrityError:
+                        results.append(False)
+                    except Exception as e:  # noqa: BLE001 - handed to the waiting request
+                        results.append(e)
+            except Exception as e:  # noqa: BLE001 - the database is down: every waiting request fails
+                results = [e] * len(batch)
+            for (*_, fut), res in zip(batch, results):
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+    def _write(self, batch: list) -> list:
+        """One transaction for the whole batch: one INSERT (executemany), one last-use UPDATE."""
+        now, t = utcnow(), time.time()
+        results: list = []
+        rows: list[dict] = []
+        key_ids: set[int] = set()
+        with self.db.begin() as s:
+            wanted = [i.request_key for i, *_ in batch if i.request_key is not None]
+            billed = set(s.execute(select(Usage.key_label, Usage.request_key)
+                                   .where(Usage.request_key.in_(wanted))).all()) if wanted else set()
+            for identity, model, inputs, tokens, _ in batch:
+                rk = (identity.label, identity.request_key)
+                if identity.request_key is not None and rk in billed:
+                    results.append(False)
+                    continue
+                try:
+                    charge(s, identity.limits, tokens, t)
+                except LimitExceeded as e:
+                    results.append(e)
+                    continue
+                billed.add(rk)
+                price = self.price(model)
+                rows.append(dict(created_at=now, user_id=identity.user_id, key_id=identity.key_id,
+                                 key_label=identity.label, request_key=identity.request_key, model=model,
+                                 inputs=inputs, tokens=tokens, price_per_million=price, cost_usd=tokens * price / 1e6))
+                if identity.key_id is not None:
+                    key_ids.add(identity.key_id)
+                results.append(True)
+            if rows:
+                s.execute(insert(Usage), rows)
+            if key_ids:  # at most one write a minute per key
+                s.execute(update(ApiKey).where(ApiKey.id.in_(key_ids), or_(
+                    ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - dt.timedelta(seconds=60)))
+                    .values(last_used_at=now))
+        return results
 
     def report(self, *, user_id: int | None = None, key_label: str | None = None, group_by: str = "day",
                model: str | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None) -> dict:

@@ -96,13 +96,24 @@ def admit(s: Session, scopes: tuple, now: float | None = None) -> None:
 def charge(s: Session, scopes: tuple, tokens: int, now: float | None = None) -> None:
     """Take ``tokens`` from each scope's per-minute and monthly budgets, or raise LimitExceeded."""
     now = time.time() if now is None else now
-    for name, lim in scopes:
-        if lim.tpm is not None and bump(s, f"{name}:t", int(now // 60), tokens, lim.tpm) is None:
-            raise LimitExceeded(f"this request's {tokens} tokens would exceed the limit of {lim.tpm} tokens per "
-                                f"minute for {name}", "rate_limit_exceeded", 60 - int(now % 60))
-        if lim.monthly_quota is not None and bump(s, f"{name}:m", _month(now), tokens, lim.monthly_quota) is None:
-            raise LimitExceeded(f"this request's {tokens} tokens would exceed the monthly quota of "
-                                f"{lim.monthly_quota} tokens for {name}", "insufficient_quota", _to_next_month(now))
+    taken: list[tuple[str, int]] = []  # given back if a later budget refuses, so a refusal changes nothing
+    try:
+        for name, lim in scopes:
+            if lim.tpm is not None:
+                if bump(s, f"{name}:t", int(now // 60), tokens, lim.tpm) is None:
+                    raise LimitExceeded(f"this request's {tokens} tokens would exceed the limit of {lim.tpm} tokens "
+                                        f"per minute for {name}", "rate_limit_exceeded", 60 - int(now % 60))
+                taken.append((f"{name}:t", int(now // 60)))
+            if lim.monthly_quota is not None:
+                if bump(s, f"{name}:m", _month(now), tokens, lim.monthly_quota) is None:
+                    raise LimitExceeded(f"this request's {tokens} tokens would exceed the monthly quota of "
+                                        f"{lim.monthly_quota} tokens for {name}", "insufficient_quota",
+                                        _to_next_month(now))
+                taken.append((f"{name}:m", _month(now)))
+    except LimitExceeded:
+        for scope, period in taken:
+            bump(s, scope, period, -tokens, None)
+        raise
 
 
 def hit(s: Session, scope: str, window_s: int, limit: int, now: float | None = None) -> bool:
