@@ -45,7 +45,8 @@ def test_playground_in_chromium(browser, sqlite_service, tiny_bert):
     page.fill("#email", "browser@example.com")
     page.fill("#password", PASSWORD)
     page.click("#login-submit")
-    page.wait_for_url("**/models/tiny")
+    page.wait_for_selector("#logout")  # back on the model page, logged in
+    assert page.url == server.url + "/"
     assert page.locator("#login-needed").count() == 0 and page.is_enabled("#run")
 
     texts = ["how much protein should a female eat", "summit define", "the highest point of a mountain"]
@@ -58,7 +59,7 @@ def test_playground_in_chromium(browser, sqlite_service, tiny_bert):
     assert page.locator(".input-text").count() == 3
     page.uncheck("#normalize")
     page.click("#run")
-    page.wait_for_function("window.e5kitResult !== undefined")
+    page.wait_for_selector("#heatmap .heat")  # (wait_for_function would need unsafe-eval under our CSP)
     result = page.evaluate("window.e5kitResult")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
