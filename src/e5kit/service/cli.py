@@ -63,7 +63,17 @@ def install_from_options(app, keys, *, database_url, prices, key_rps, key_tpm, k
                            key_limits=Limits(key_rps, key_tpm, key_monthly_quota),
                            account_limits=Limits(account_rps, account_tpm, account_monthly_quota),
                            session_hours=session_hours, cookie_secure=cookie_secure)
-    return install_service(app, config, keys)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return install_service(app, config, keys)
+    except SQLAlchemyError as e:  # a bad URL, an unreachable server, no permission
+        try:
+            shown = make_url(database_url).render_as_string(hide_password=True)
+        except SQLAlchemyError:
+            shown = "(unparsable URL)"
+        raise click.ClickException(f"cannot open the account database {shown}: {type(e).__name__}")
 
 
 def _db(database_url):
