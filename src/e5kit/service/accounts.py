@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from .db import ApiKey, User, WebSession, utcnow
 
@@ -154,7 +154,7 @@ def check_key(s: Session, token: str) -> ApiKey | None:
     if parsed is None:
         return None
     public_id, secret = parsed
-    key = s.scalar(select(ApiKey).where(ApiKey.public_id == public_id))
+    key = s.scalar(select(ApiKey).options(joinedload(ApiKey.user)).where(ApiKey.public_id == public_id))
     if key is None or not hmac.compare_digest(key.secret_hash, _sha256(secret)):
         return None
     if key.revoked_at is not None or key.user.disabled:

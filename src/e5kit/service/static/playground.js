@@ -100,7 +100,8 @@
         const c = cell(tr, cos.toFixed(3));
         c.className = "heat";
         c.dataset.value = String(cos);
-        const t = Math.max(0, Math.min(1, (cos + 1) / 2));
+        // E5 cosines cluster in 0.7-1.0, so the colour scale spans 0.5-1.0
+        const t = Math.max(0, Math.min(1, (cos - 0.5) / 0.5));
         c.style.backgroundColor = `rgb(${Math.round(255 - 180 * t)}, ${Math.round(255 - 120 * t)}, 255)`;
       });
       heat.append(tr);
