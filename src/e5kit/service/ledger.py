@@ -126,9 +126,10 @@ class Ledger:
             raise ValueError("report needs a user or a key")
         with self.db() as s:
             period = _period(s.bind.dialect.name, group_by)
+            keys = [Usage.model, Usage.key_label] if group_by == "total" else [period, Usage.model, Usage.key_label]
             q = (select(period.label("period"), Usage.model, Usage.key_label, func.count(Usage.id),
                         func.sum(Usage.inputs), func.sum(Usage.tokens), func.sum(Usage.cost_usd))
-                 .group_by(period, Usage.model, Usage.key_label).order_by(period, Usage.model, Usage.key_label))
+                 .group_by(*keys).order_by(*keys))
             if user_id is not None:
                 q = q.where(Usage.user_id == user_id)
             if key_label is not None:
