@@ -248,3 +248,25 @@ def test_model_pages(sqlite_service):
     assert httpx.get(server.url + "/models/nope").status_code == 404
     assert httpx.get(server.url + "/static/playground.js").status_code == 200
     assert "cdn" not in r.text.lower() and "https://" not in r.text.replace("https://arxiv.org", "")
+
+
+def test_tokens_per_minute_limit(sqlite_service):
+    server, acc = sqlite_service
+    acc.user("tpm@example.com")
+    key, kid = acc.key("tpm@example.com", tpm_limit=50)
+    billed, refused = 0, None
+    import time
+
+    minute0 = int(time.time() // 60)
+    with httpx.Client(base_url=server.url, headers=bearer(key), timeout=30) as c:
+        for _ in range(30):
+            r = c.post("/v1/embeddings", json={"input": "tokens per minute"})
+            if r.status_code != 200:
+                refused = r
+                break
+            billed += r.json()["usage"]["prompt_tokens"]
+    assert refused is not None and refused.status_code == 429, "the tokens/min limit never refused"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "per minute" in refused.json()["error"]["message"]
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    windows = int(time.time() // 60) - minute0 + 1  # the loop may cross a minute boundary
+    assert acc.ledger_tokens(key_label=kid)[0] == billed <= 50 * windows
