@@ -156,8 +156,8 @@ class Ledger:
             acc = by_day.setdefault(d["period"][:10], [0, 0.0])
             acc[0] += d["tokens"]
             acc[1] += d["cost_usd"]
-        return [((start + dt.timedelta(days=i)).isoformat(),) + tuple(by_day.get((start + dt.timedelta(days=i)).isoformat(), (0, 0.0)))
-                for i in range(days)]
+        dates = [(start + dt.timedelta(days=i)).isoformat() for i in range(days)]
+        return [(d, *by_day.get(d, (0, 0.0))) for d in dates]
 
 
 def _period(dialect: str, group_by: str):
