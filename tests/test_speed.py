@@ -123,22 +123,27 @@ def test_backend_errors(tiny_bert, kwargs, match):
 def test_threads_argument(tiny_bert, keep_threads):
     E5(str(tiny_bert), threads=1)
     assert torch.get_num_threads() == 1
-    E5(str(tiny_bert))  # no argument: every core we may use (or OMP_NUM_THREADS)
-    assert torch.get_num_threads() == e5kit.engine.default_threads()
+    E5(str(tiny_bert))  # no argument: torch's process-wide setting is the caller's, left as it is
+    assert torch.get_num_threads() == 1
 
 
 @pytest.mark.parametrize("omp", ["1", None])
 def test_omp_num_threads_respected(tiny_bert, omp):
+    """The library keeps torch's own thread count (which honours OMP_NUM_THREADS); a command line
+    entry point sets its default: OMP_NUM_THREADS, else every core the process may run on."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if omp:
         env["OMP_NUM_THREADS"] = omp
     env["PYTHONPATH"] = SRC
-    code = (f"import torch; from e5kit import E5; E5({str(tiny_bert)!r}); "
-            "import os; print(torch.get_num_threads(), len(os.sched_getaffinity(0)))")
+    code = (f"import os, torch; from e5kit import E5; from e5kit.cli import load_model; before = torch.get_num_threads(); "
+            f"E5({str(tiny_bert)!r}); lib = torch.get_num_threads(); "
+            f"load_model({str(tiny_bert)!r}, None, None, 'auto', None); "
+            "print(before, lib, torch.get_num_threads(), len(os.sched_getaffinity(0)))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    got, cores = map(int, out.stdout.split()[-2:])
-    assert got == (int(omp) if omp else cores)
+    before, lib, cli, cores = map(int, out.stdout.split()[-4:])
+    assert lib == before
+    assert cli == (int(omp) if omp else cores)
 
 
 def _cli(*args):

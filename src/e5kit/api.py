@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
-from typing import Literal, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from . import pipeline
 from .engine import Engine
 from .loading import load_checkpoint
 from .models import DEFAULT_MODEL
+from .pipeline import PRECISIONS, Precision, Prepared, as_text_list, finish, quantize_embeddings
 from .prompts import InputType, format_texts
-
-Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
-PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
 class TruncationWarning(UserWarning):
@@ -32,10 +32,10 @@ class E5:
 
     ``device``: "cpu", "cuda", "cuda:1" or None (CUDA when available). ``dtype``: "float32",
     "float16", "bfloat16" or None (float32 on CPU, bf16/fp16 on CUDA); on CPUs with AMX, "bfloat16"
-    is ~3x faster than float32 at per-text cosine >= 0.9999. ``backend``: "auto" (the exact path for
+    is much faster than float32 at per-text cosine >= 0.9999 (docs/speed.md). ``backend``: "auto" (the exact path for
     the device: fp32 on CPU, bf16/fp16 on CUDA), "torch" (the same, explicitly) or "int8" (CPU only:
     int8 linear layers, per-text cosine to fp32 >= 0.99; see docs/speed.md). ``threads``: CPU
-    threads (default: every core, or OMP_NUM_THREADS).
+    threads, set process-wide for torch (default: torch's setting is left as it is).
     ``prompt_style`` overrides the registry / metadata ("e5", "instruct" or "none").
     """
 
@@ -54,13 +54,13 @@ class E5:
         checkpoint = load_checkpoint(model, revision=revision, prompt_style=prompt_style, cache_dir=cache_dir)
         self.engine = Engine(checkpoint, device=device, dtype=dtype, threads=threads, backend=backend)
         self.spec = checkpoint.spec
-        self.last_truncated: list[int] = []
+        self._local = threading.local()
 
     @classmethod
     def from_engine(cls, engine: Engine) -> "E5":
         """An E5 over an existing engine (e.g. one wrapping weights in training), without reloading."""
         self = cls.__new__(cls)
-        self.engine, self.spec, self.last_truncated = engine, engine.spec, []
+        self.engine, self.spec, self._local = engine, engine.spec, threading.local()
         return self
 
     # ---- properties -----------------------------------------------------------------------
@@ -95,13 +95,40 @@ class E5:
         return self.engine.dtype
 
     def __repr__(self) -> str:
-        return f"E5({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype}, backend={self.backend!r}, prompt_style={self.prompt_style!r})"
+        return (f"E5({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype}, "
+                f"backend={self.backend!r}, prompt_style={self.prompt_style!r})")
 
-    # ---- encoding -------------------------------------------------------------------------
+    # ---- the pipeline: prepare -> embed -> finish (see e5kit.pipeline) --------------------
 
     def format(self, texts: Sequence[str], input_type: InputType, task: str | None = None) -> list[str]:
         """The exact strings the model sees for ``texts`` of the given kind."""
-        return format_texts(_as_list(texts), input_type, self.prompt_style, task)
+        return format_texts(as_text_list(texts), input_type, self.prompt_style, task)
+
+    def prepare(self, texts: str | Sequence[str], input_type: InputType | None = None, *, task: str | None = None,
+                prompt_style: str | None = None, truncate: bool = True, max_tokens: int | None = None) -> Prepared:
+        """Prompt convention + tokenization + truncation policy (:func:`e5kit.pipeline.prepare`)."""
+        return pipeline.prepare(self.engine, texts, input_type, prompt_style=prompt_style, task=task,
+                                truncate=truncate, max_tokens=max_tokens)
+
+    def prepare_ids(self, seqs: Sequence[Sequence[int]], *, truncate: bool = True,
+                    max_tokens: int | None = None) -> Prepared:
+        """Caller-supplied token ids, validated and cut if allowed (:func:`e5kit.pipeline.prepare_ids`)."""
+        return pipeline.prepare_ids(self.engine, seqs, truncate=truncate, max_tokens=max_tokens)
+
+    def embed(self, prepared: Prepared, *, batch_size: int = 32, max_batch_tokens: int = 16384,
+              progress: bool | None = None, on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Pooled, unnormalised float32 vectors of prepared inputs (:func:`e5kit.pipeline.embed`)."""
+        return pipeline.embed(self.engine, prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                              progress=progress, on_batch=on_batch)
+
+    @property
+    def last_truncated(self) -> list[int]:
+        """Indices of the inputs the calling thread's last ``encode*`` call truncated."""
+        return getattr(self._local, "truncated", [])
+
+    @last_truncated.setter
+    def last_truncated(self, value: list[int]) -> None:
+        self._local.truncated = value
 
     def encode(
         self,
@@ -119,49 +146,47 @@ class E5:
 
         Returns an (n, dim) float32 array (one row per text, in input order; a single string gives
         shape (dim,)). Over-long inputs are truncated to the model's limit with a
-        :class:`TruncationWarning` (their indices in ``self.last_truncated``), or raise
+        :class:`TruncationWarning` (their indices in ``self.last_truncated``, per thread), or raise
         :class:`~e5kit.engine.InputTooLongError` with ``truncate=False``.
         """
-        single = isinstance(texts, str)
-        batch = _as_list(texts)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-        tok = self.engine.tokenize(batch, truncate=truncate)
-        self.last_truncated = tok.truncated
-        if tok.truncated:
-            warnings.warn(
-                f"{len(tok.truncated)} of {len(batch)} inputs exceeded {self.max_tokens} tokens and were "
-                f"truncated (indices {tok.truncated[:10]}{'...' if len(tok.truncated) > 10 else ''})",
-                TruncationWarning,
-                stacklevel=2,
-            )
-        emb = self.engine.embed_ids(
-            tok.ids, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-            normalize=normalize_embeddings, progress=show_progress_bar,
-        )
-        if precision != "float32":
-            out = quantize_embeddings(emb.numpy(), precision)
-            return out[0] if single else out
-        if convert_to_tensor:
-            return emb[0] if single else emb
-        arr = emb.numpy()
-        return arr[0] if single else arr
+        return self._encode(texts, None, None, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
+                            show_progress_bar=show_progress_bar, precision=precision,
+                            convert_to_tensor=convert_to_tensor, truncate=truncate, max_batch_tokens=max_batch_tokens)
 
     def encode_queries(self, texts: str | Sequence[str], task: str | None = None, **kwargs) -> np.ndarray | torch.Tensor:
         """Embed queries with the model's query convention (``query: `` or the instruct template)."""
-        return self.encode(self._formatted(texts, "query", task), **kwargs)
+        return self._encode(texts, "query", task, **kwargs)
 
     def encode_passages(self, texts: str | Sequence[str], **kwargs) -> np.ndarray | torch.Tensor:
         """Embed documents with the model's passage convention (``passage: `` or nothing)."""
-        return self.encode(self._formatted(texts, "passage", None), **kwargs)
+        return self._encode(texts, "passage", None, **kwargs)
 
-    def _formatted(self, texts, input_type, task):
-        out = self.format(texts, input_type, task)
-        return out[0] if isinstance(texts, str) else out
+    def _encode(self, texts, input_type, task, *, batch_size: int = 32, normalize_embeddings: bool = True,
+                show_progress_bar: bool | None = None, precision: Precision = "float32",
+                convert_to_tensor: bool = False, truncate: bool = True, max_batch_tokens: int = 16384):
+        single = isinstance(texts, str)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        prepared = self.prepare(texts, input_type, task=task, truncate=truncate)
+        self.last_truncated = prepared.truncated
+        if prepared.truncated:
+            cut = prepared.truncated
+            warnings.warn(
+                f"{len(cut)} of {len(prepared)} inputs exceeded {self.max_tokens} tokens and were "
+                f"truncated (indices {cut[:10]}{'...' if len(cut) > 10 else ''})",
+                TruncationWarning,
+                stacklevel=3,
+            )
+        pooled = self.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                            progress=show_progress_bar)
+        out = finish(pooled, normalize=normalize_embeddings, precision=precision)
+        if convert_to_tensor and precision == "float32":
+            out = torch.from_numpy(out)
+        return out[0] if single else out
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
         """Token ids the model would see (special tokens included, truncated to the limit)."""
-        return self.engine.tokenize(_as_list(texts), truncate=truncate).ids
+        return self.prepare(texts, None, truncate=truncate).ids
 
     @staticmethod
     def similarity(a, b) -> np.ndarray:
@@ -173,44 +198,11 @@ class E5:
         return (a @ b.T) * 100.0
 
 
-def quantize_embeddings(emb: np.ndarray, precision: Precision, ranges: np.ndarray | None = None) -> np.ndarray:
-    """Lower-precision copies of float embeddings, as sentence-transformers defines them.
-
-    int8 / uint8: each dimension mapped linearly onto 256 buckets between its min and max (taken
-    from ``ranges``, shape (2, dim), or from ``emb`` itself). binary / ubinary: the sign bits packed
-    8 per byte (binary is offset by -128 into int8).
-    """
-    emb = np.asarray(emb, dtype=np.float32)
-    if precision == "float32":
-        return emb
-    if precision in ("binary", "ubinary"):
-        packed = np.packbits(emb > 0, axis=-1)
-        return (packed.astype(np.int16) - 128).astype(np.int8) if precision == "binary" else packed
-    if precision not in ("int8", "uint8"):
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if ranges is None:
-        ranges = np.stack([emb.min(axis=0), emb.max(axis=0)])
-    starts = ranges[0]
-    steps = np.maximum((ranges[1] - ranges[0]) / 255, 1e-12)
-    if precision == "uint8":
-        return np.clip((emb - starts) / steps, 0, 255).astype(np.uint8)
-    return np.clip((emb - starts) / steps - 128, -128, 127).astype(np.int8)
-
-
-def _as_list(texts: str | Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        return [texts]
-    if isinstance(texts, np.ndarray):
-        texts = texts.tolist()
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"input {i} is a {type(t).__name__}, expected str")
-    return out
-
-
 def _as_2d(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     x = np.asarray(x, dtype=np.float32)
     return x[None, :] if x.ndim == 1 else x
+
+
+__all__ = ["E5", "TruncationWarning", "Prepared", "quantize_embeddings"]

@@ -79,7 +79,7 @@ def model_options(f=None, *, multiple: bool = False):
     f = click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")(f)
     f = click.option("--backend", default="auto", show_default=True, help="auto, torch or int8.")(f)
     f = click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, bf16 on "
-                     "CUDA; bfloat16 is ~3x fp32 on CPUs with AMX).")(f)
+                     "CUDA; bfloat16 is the fast path on CPUs with AMX, see docs/speed.md).")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available).")(f)
     if multiple:
         f = click.option("--model", "-m", multiple=True, default=(DEFAULT_MODEL,), show_default=True,
@@ -93,8 +93,10 @@ def load_model(model, device, dtype, backend, threads):
     from .api import E5
     from .loading import E5LoadError
 
-    try:
-        return E5(model, device=device, dtype=dtype, backend=backend, threads=threads)
+    from .engine import default_threads
+
+    try:  # a command owns its process, so it sets torch's thread count (the library never does unasked)
+        return E5(model, device=device, dtype=dtype, backend=backend, threads=threads or default_threads())
     except (E5LoadError, ValueError) as e:
         raise click.ClickException(str(e))
 

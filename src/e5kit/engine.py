@@ -130,14 +130,12 @@ class Engine:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
         self.backend = resolve_backend(backend, self.device, self.dtype)
-        if threads:  # None / 0: the default below
-            if int(threads) < 1:
+        if threads is not None:  # torch's thread count is process-wide: changed only when asked
+            if isinstance(threads, bool) or int(threads) < 1:
                 raise ValueError(f"threads must be a positive integer, not {threads!r}")
             torch.set_num_threads(int(threads))
-        elif self.device.type == "cpu" and torch.get_num_threads() != default_threads():
-            torch.set_num_threads(default_threads())  # every core we may run on, or OMP_NUM_THREADS
         self.tokenizer: Tokenizer = load_tokenizer(checkpoint.path, self.max_tokens)
-        self._untruncated: Tokenizer | None = None
+        self._tokenizers: dict[int | None, Tokenizer] = {self.max_tokens: self.tokenizer}
         model = encoder if encoder is not None else load_encoder(checkpoint.path, checkpoint.config)
         self.model: torch.nn.Module = model.to(self.device, self.dtype).eval()
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
@@ -186,35 +184,54 @@ class Engine:
 
     # ---- tokenization ---------------------------------------------------------------------
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> Tokenized:
-        """Token ids (with special tokens) for each text, cut at the model's limit.
+    def _tokenizer(self, max_tokens: int | None) -> Tokenizer:
+        """The tokenizer cutting at ``max_tokens`` (None: not at all), built once per limit."""
+        tok = self._tokenizers.get(max_tokens)
+        if tok is None:
+            tok = Tokenizer.from_str(self.tokenizer.to_str())
+            tok.no_padding()
+            if max_tokens is None:
+                tok.no_truncation()
+            else:
+                tok.enable_truncation(max_tokens)
+            self._tokenizers[max_tokens] = tok
+        return tok
+
+    def _limit(self, max_tokens: int | None) -> int:
+        if max_tokens is None:
+            return self.max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+            raise ValueError(f"max_tokens must be an integer >= 2, not {max_tokens!r}")
+        return min(max_tokens, self.max_tokens)
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True, max_tokens: int | None = None) -> Tokenized:
+        """Token ids (with special tokens) for each text, cut at the model's limit (or the lower
+        ``max_tokens``).
 
         With ``truncate=False`` an over-long input raises :class:`InputTooLongError`.
         """
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"input {i} is a {type(t).__name__}, expected str")
-        encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        limit = self._limit(max_tokens)
+        encs = self._tokenizer(limit).encode_batch(list(texts), add_special_tokens=True)
         ids = [e.ids for e in encs]
         truncated = [i for i, e in enumerate(encs) if e.overflowing]
         if truncated and not truncate:
             i = truncated[0]
-            raise InputTooLongError(i, self.count_tokens([texts[i]])[0], self.max_tokens)
+            raise InputTooLongError(i, self.count_tokens([texts[i]])[0], limit)
         return Tokenized(ids=ids, truncated=truncated)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Untruncated token counts (special tokens included)."""
-        if self._untruncated is None:
-            tok = Tokenizer.from_str(self.tokenizer.to_str())
-            tok.no_truncation()
-            tok.no_padding()
-            self._untruncated = tok
-        return [len(e.ids) for e in self._untruncated.encode_batch(list(texts))]
+        return [len(e.ids) for e in self._tokenizer(None).encode_batch(list(texts))]
 
-    def check_ids(self, seqs: Sequence[Sequence[int]], truncate: bool = True) -> Tokenized:
+    def check_ids(self, seqs: Sequence[Sequence[int]], truncate: bool = True,
+                  max_tokens: int | None = None) -> Tokenized:
         """Validate caller-supplied token ids (vocabulary range, length) and cut them if allowed."""
         out, cut = [], []
         vocab = self.config.vocab_size
+        limit = self._limit(max_tokens)
         for i, s in enumerate(seqs):
             s = list(s)
             if not s:
@@ -222,20 +239,21 @@ class Engine:
             bad = next((t for t in s if not isinstance(t, int) or t < 0 or t >= vocab), None)
             if bad is not None:
                 raise ValueError(f"input {i} has token id {bad!r} outside the vocabulary (0..{vocab - 1})")
-            if len(s) > self.max_tokens:
+            if len(s) > limit:
                 if not truncate:
-                    raise InputTooLongError(i, len(s), self.max_tokens)
-                s, _ = s[: self.max_tokens], cut.append(i)
+                    raise InputTooLongError(i, len(s), limit)
+                s, _ = s[:limit], cut.append(i)
             out.append(s)
         return Tokenized(ids=out, truncated=cut)
 
     # ---- the model ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> torch.Tensor:
-        """One batch: mean-pooled (and optionally L2-normalised) float32 vectors, on the device."""
+    def forward(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One batch: mean-pooled float32 vectors, on the device, unnormalised (normalisation is
+        :func:`e5kit.pipeline.finish`'s)."""
         # On CPU, bucketed row counts let oneDNN reuse its per-shape GEMM kernels across batches.
-        return embed_batch(self.model, seqs, self.device, normalize, self.config.position_offset,
+        return embed_batch(self.model, seqs, self.device, False, self.config.position_offset,
                            bucket=self.device.type == "cpu")
 
     def embed_ids(
@@ -243,11 +261,11 @@ class Engine:
         seqs: Sequence[Sequence[int]],
         batch_size: int = 32,
         max_batch_tokens: int = 16384,
-        normalize: bool = True,
         progress: bool | None = None,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Embed many sequences in token-budget batches; rows come back in input order (CPU float32)."""
+        """Pool many sequences in token-budget batches; rows come back in input order (CPU float32,
+        unnormalised). ``on_batch(n_inputs, n_tokens)`` is called after every forward pass."""
         n = len(seqs)
         out = torch.empty(n, self.dim, dtype=torch.float32)
         if n == 0:
@@ -261,7 +279,7 @@ class Engine:
 
             bar = tqdm(total=sum(len(s) for s in seqs), unit="tok", unit_scale=True, desc="embedding")
         for b in batches:
-            vecs = self.forward([seqs[i] for i in b], normalize=normalize)
+            vecs = self.forward([seqs[i] for i in b])
             out[torch.tensor(b)] = vecs.cpu()
             ntok = sum(len(seqs[i]) for i in b)
             if bar is not None:

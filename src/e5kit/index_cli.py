@@ -188,6 +188,7 @@ def build_index(
 ) -> "Index":
     """Embed ``corpus`` into an index at ``out``, resuming an interrupted build of the same corpus."""
     from .index import MANIFEST, Index, model_fingerprint
+    from .pipeline import finish
 
     out = Path(out)
     staging = out / STAGING
@@ -249,9 +250,8 @@ def build_index(
             if c in done:
                 continue
             ids, texts, meta = zip(*chunk)
-            formatted = model.format(list(texts), "passage")
-            tok = model.engine.tokenize(formatted, truncate=True)
-            truncated += len(tok.truncated)
+            prepared = model.prepare(list(texts), "passage", truncate=True)
+            truncated += len(prepared.truncated)
 
             def on_batch(n: int, ntok: int) -> None:
                 nonlocal tokens
@@ -260,8 +260,8 @@ def build_index(
                     bar.update(n)
                     bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
-            vec = model.engine.embed_ids(tok.ids, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                         normalize=True, on_batch=on_batch).numpy()
+            vec = finish(model.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                     on_batch=on_batch))
             _write_part(staging / f"part-{c:06d}.npz", list(ids), list(meta), vec)
             if on_chunk is not None:
                 on_chunk(c)

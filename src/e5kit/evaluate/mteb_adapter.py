@@ -22,10 +22,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from ..pipeline import finish
 from ..prompts import format_texts
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..api import E5
+
+
+def _input_type(prompt_type: str | None) -> str:
+    """MTEB's prompt type -> E5's input type (documents are passages, everything else a query)."""
+    return "passage" if prompt_type == "document" else "query"
 
 
 def _value(x: Any) -> str | None:
@@ -61,17 +67,18 @@ class E5ForMTEB:
         texts = self._texts(inputs)
         name = task_name or getattr(task_metadata, "name", None)
         task_type = _value(getattr(task_metadata, "type", None))
-        formatted = self.format(texts, prompt_type=_value(prompt_type), task_name=name)
         normalize = self.normalize_classification or task_type not in ("Classification", "MultilabelClassification")
-        if not formatted:
+        if not texts:
             return np.zeros((0, self.model.dim), dtype=np.float32)
-        return self.model.encode(formatted, batch_size=kwargs.get("batch_size", self.batch_size),
-                                 normalize_embeddings=normalize, show_progress_bar=kwargs.get("show_progress_bar"))
+        prepared = self.model.prepare(texts, _input_type(_value(prompt_type)), prompt_style=self.prompt_style,
+                                      task=name)
+        pooled = self.model.embed(prepared, batch_size=kwargs.get("batch_size", self.batch_size),
+                                  progress=kwargs.get("show_progress_bar"))
+        return finish(pooled, normalize=normalize)
 
     def format(self, texts: Sequence[str], prompt_type: str | None, task_name: str | None) -> list[str]:
         """The exact strings the model sees for a task and prompt type."""
-        input_type = "passage" if prompt_type == "document" else "query"
-        return format_texts(texts, input_type, self.prompt_style, task_name)
+        return format_texts(texts, _input_type(prompt_type), self.prompt_style, task_name)
 
     @staticmethod
     def similarity(embeddings1, embeddings2) -> np.ndarray:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..prompts import beir_document, format_texts
+from ..pipeline import finish
+from ..prompts import beir_document
 from .data import load_beir, load_classification, load_sts
 from .metrics import DEFAULT_K, drop_identical_ids, retrieval_scores
 
@@ -61,13 +62,16 @@ def embed(model: "E5", texts: Sequence[str], input_type: str, prompt_style: str 
           task: str | None = None, normalize: bool = True, batch_size: int = 32,
           progress: bool | None = None) -> np.ndarray:
     """Embed texts with the given prompt convention (the model's own unless ``prompt_style``)."""
-    from ..api import TruncationWarning
+    return embed_counted(model, texts, input_type, prompt_style, task, normalize, batch_size, progress)[0]
 
-    formatted = format_texts(list(texts), input_type, prompt_style or model.prompt_style, task)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TruncationWarning)  # long BEIR documents are cut, as everywhere
-        return model.encode(formatted, batch_size=batch_size, normalize_embeddings=normalize,
-                            show_progress_bar=progress)
+
+def embed_counted(model: "E5", texts: Sequence[str], input_type: str, prompt_style: str | None = None,
+                  task: str | None = None, normalize: bool = True, batch_size: int = 32,
+                  progress: bool | None = None) -> tuple[np.ndarray, int]:
+    """:func:`embed` and the number of tokens the model read (long BEIR documents are cut, as everywhere)."""
+    prepared = model.prepare(list(texts), input_type, prompt_style=prompt_style, task=task)
+    pooled = model.embed(prepared, batch_size=batch_size, progress=progress)
+    return finish(pooled, normalize=normalize), prepared.n_tokens
 
 
 def _scores_entry(metrics: dict, main: str, languages: Sequence[str]) -> dict:
@@ -110,9 +114,9 @@ def evaluate_retrieval(
     doc_ids = list(data.corpus)
     q_ids = list(data.queries)
     docs = [beir_document(*data.corpus[d]) for d in doc_ids]
-    n_doc_tokens = sum(len(s) for s in model.tokenize(format_texts(docs, "passage", prompt_style or model.prompt_style)))
     with Timer() as t_docs:
-        d_emb = embed(model, docs, "passage", prompt_style, task_name, batch_size=batch_size, progress=progress)
+        d_emb, n_doc_tokens = embed_counted(model, docs, "passage", prompt_style, task_name, batch_size=batch_size,
+                                            progress=progress)
     with Timer() as t_queries:
         q_emb = embed(model, [data.queries[q] for q in q_ids], "query", prompt_style, task_name, batch_size=batch_size)
     depth = max(k_values) + (1 if ignore_identical_ids else 0)

@@ -25,8 +25,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import E5, quantize_embeddings
-from ..engine import InputTooLongError, Tokenized
+from ..api import E5
+from ..engine import InputTooLongError
+from ..pipeline import Prepared, finish
 from ..prompts import format_texts
 from .auth import KeyStore
 from .batcher import Batcher, QueueFull, ShuttingDown, TooManyTokens
@@ -221,16 +222,11 @@ def _split_inputs(value: Any, param: str, limit: int) -> tuple[list[str] | None,
     return None, items
 
 
-def _truncate_dims(vecs: np.ndarray, dimensions: int | None, dim: int, renormalize: bool) -> np.ndarray:
-    if dimensions is None:
-        return vecs
-    if dimensions > dim:
+def _check_dims(dimensions: int | None, dim: int) -> None:
+    """Refuse ``dimensions`` beyond the model's before any work is queued."""
+    if dimensions is not None and dimensions > dim:
         raise APIError(400, f"'dimensions' is {dimensions} but this model's embeddings have {dim}",
                        param="dimensions", code="invalid_value")
-    out = vecs[:, :dimensions]
-    if renormalize:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -347,7 +343,7 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
         return sm
 
     async def tokenize(sm: ServedModel, texts: list[str] | None, ids: list[list[int]] | None,
-                       input_type: str | None, task: str | None, truncate: bool | None, param: str) -> Tokenized:
+                       input_type: str | None, task: str | None, truncate: bool | None, param: str) -> Prepared:
         truncate = config.auto_truncate if truncate is None else truncate
         engine = sm.model.engine
         # Under overload, refuse before spending CPU on tokenizing: a cheap lower bound on the token
@@ -364,20 +360,21 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
         try:
             if ids is not None:
-                return engine.check_ids(ids, truncate=truncate)
-            formatted = format_texts(texts, input_type or config.default_input_type, sm.model.prompt_style, task)
-            if sum(len(t) for t in formatted) > OFF_LOOP_CHARS:
-                return await asyncio.to_thread(engine.tokenize, formatted, truncate)
-            return engine.tokenize(formatted, truncate)
+                return sm.model.prepare_ids(ids, truncate=truncate)
+            input_type = input_type or config.default_input_type
+            if sum(len(t) for t in texts) > OFF_LOOP_CHARS:
+                return await asyncio.to_thread(sm.model.prepare, texts, input_type, task=task, truncate=truncate)
+            return sm.model.prepare(texts, input_type, task=task, truncate=truncate)
         except InputTooLongError as e:
             raise APIError(422, f"'{param}' item {e.index} has {e.n_tokens} tokens, more than the model's limit of "
                                 f"{e.limit}; shorten it or send truncate=true", param=param, code="input_too_long")
         except ValueError as e:
             raise APIError(400, f"'{param}': {e}", param=param, code="invalid_value")
 
-    async def embed(request: Request, sm: ServedModel, tok: Tokenized, normalize: bool) -> np.ndarray:
+    async def embed(request: Request, sm: ServedModel, tok: Prepared) -> np.ndarray:
+        """Pooled, unnormalised vectors of prepared inputs through the batching queue."""
         try:
-            job = sm.batcher.submit(tok.ids, normalize)
+            job = sm.batcher.submit(tok.ids)
         except QueueFull as e:
             metrics.rejected.labels(sm.name).inc()
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
@@ -404,7 +401,7 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
             raise APIError(500, "the model produced non-finite values", "server_error")
         return out
 
-    async def meter_usage(key: str, sm: ServedModel, tok: Tokenized) -> int:
+    async def meter_usage(key: str, sm: ServedModel, tok: Prepared) -> int:
         n = tok.n_tokens
         if app.state.meter_hook is not None:  # e.g. the service's ledger: committed before the 200
             await app.state.meter_hook(key, sm.name, len(tok.ids), n)
@@ -417,15 +414,14 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
     async def openai_embeddings(request: Request, key: str = Depends(authorize)):
         req = await _parse(request, EmbeddingsRequest, config.max_body_bytes, "input")
         sm = pick_model(request, req.model)
-        if req.dimensions is not None and req.dimensions > sm.dim:
-            _truncate_dims(np.zeros((0, sm.dim), np.float32), req.dimensions, sm.dim, True)
+        _check_dims(req.dimensions, sm.dim)
         texts, ids = _split_inputs(req.input, "input", config.max_inputs)
         tok = await tokenize(sm, texts, ids, req.input_type, req.task, req.truncate, "input")
         try:
-            vecs = await embed(request, sm, tok, True)
+            vecs = await embed(request, sm, tok)
         except _ClientGone:
             return Response(status_code=499)
-        vecs = _truncate_dims(vecs, req.dimensions, sm.dim, True)
+        vecs = finish(vecs, dimensions=req.dimensions)
         n = await meter_usage(key, sm, tok)
         if req.encoding_format == "base64":
             data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
@@ -461,22 +457,20 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
         if req.precision in ("int8", "uint8") and not req.normalize:
             raise APIError(422, f"precision {req.precision} maps [-1, 1] onto 256 levels and needs normalize=true",
                            param="precision", code="invalid_value")
-        if req.dimensions is not None:
-            _truncate_dims(np.zeros((0, sm.dim), np.float32), req.dimensions, sm.dim, True)
+        _check_dims(req.dimensions, sm.dim)
         texts, ids = _split_inputs(req.inputs, "inputs", config.max_inputs)
         tok = await tokenize(sm, texts, ids, req.input_type, req.task, req.truncate, "inputs")
         try:
-            vecs = await embed(request, sm, tok, req.normalize)
+            vecs = await embed(request, sm, tok)
         except _ClientGone:
             return Response(status_code=499)
-        vecs = _truncate_dims(vecs, req.dimensions, sm.dim, req.normalize)
-        n = await meter_usage(key, sm, tok)
-        if req.precision in ("int8", "uint8"):
-            # Fixed range [-1, 1] (normalised vectors): the result does not depend on the rest of the request.
-            ranges = np.stack([-np.ones(vecs.shape[1], np.float32), np.ones(vecs.shape[1], np.float32)])
-            vecs = quantize_embeddings(vecs, req.precision, ranges)
-        elif req.precision != "float32":
-            vecs = quantize_embeddings(vecs, req.precision)
+        # int8/uint8 over the fixed range [-1, 1] (normalised vectors): a row does not depend on the
+        # rest of the request.
+        width = req.dimensions or sm.dim
+        ranges = np.stack([-np.ones(width, np.float32), np.ones(width, np.float32)])
+        vecs = finish(vecs, normalize=req.normalize, dimensions=req.dimensions, precision=req.precision,
+                      ranges=ranges if req.precision in ("int8", "uint8") else None)
+        n = await meter_usage(key, sm, tok)  # after finish: a request that fails is not billed
         headers = {"x-e5kit-model": sm.name, "x-e5kit-tokens": str(n), "x-e5kit-truncated": str(len(tok.truncated))}
         return JSONResponse(vecs.tolist(), headers=headers)
 
@@ -492,9 +486,9 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
         p_texts, _ = _split_inputs(req.passages, "passages", config.max_inputs)
         q_tok = await tokenize(sm, q_texts, None, req.query_type, req.task, req.truncate, "query")
         p_tok = await tokenize(sm, p_texts, None, req.passage_type, None, req.truncate, "passages")
-        tok = Tokenized(ids=q_tok.ids + p_tok.ids, truncated=q_tok.truncated + [i + 1 for i in p_tok.truncated])
+        tok = Prepared(ids=q_tok.ids + p_tok.ids, truncated=q_tok.truncated + [i + 1 for i in p_tok.truncated])
         try:
-            vecs = await embed(request, sm, tok, True)
+            vecs = finish(await embed(request, sm, tok))
         except _ClientGone:
             return Response(status_code=499)
         n = await meter_usage(key, sm, tok)

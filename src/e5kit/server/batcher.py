@@ -56,7 +56,6 @@ class ShuttingDown(RuntimeError):
 @dataclass(eq=False)
 class Job:
     seqs: list[list[int]]
-    normalize: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     out: np.ndarray
@@ -172,7 +171,7 @@ class Batcher:
 
     # ---- the event-loop side ---------------------------------------------------------------
 
-    def submit(self, seqs: Sequence[Sequence[int]], normalize: bool = True) -> Job:
+    def submit(self, seqs: Sequence[Sequence[int]]) -> Job:
         """Queue token-id sequences; the returned job's future resolves to an (n, dim) float32 array.
 
         Must be called from the event loop thread that will await the future.
@@ -182,7 +181,7 @@ class Batcher:
         n_tokens = sum(len(s) for s in seqs)
         if n_tokens > self.max_queued_tokens:
             raise TooManyTokens(n_tokens, self.max_queued_tokens)
-        job = Job(seqs=seqs, normalize=normalize, loop=loop, future=loop.create_future(),
+        job = Job(seqs=seqs, loop=loop, future=loop.create_future(),
                   out=np.empty((len(seqs), self.engine.dim), dtype=np.float32), remaining=len(seqs),
                   untaken_tokens=n_tokens)
         if not seqs:
@@ -306,16 +305,9 @@ class Batcher:
                 log.exception("batch metrics callback failed")
 
     def _forward(self, items: list[tuple[Job, int]]) -> list[np.ndarray]:
-        by_norm: dict[bool, list[int]] = {}
-        for k, (job, _) in enumerate(items):
-            by_norm.setdefault(job.normalize, []).append(k)
-        rows: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
-        for norm, ks in by_norm.items():
-            vecs = self.engine.forward([items[k][0].seqs[items[k][1]] for k in ks], normalize=norm)
-            arr = vecs.float().cpu().numpy()
-            for j, k in enumerate(ks):
-                rows[k] = arr[j]
-        return rows
+        # Pooled, unnormalised rows: the request handler finishes them (e5kit.pipeline.finish).
+        arr = self.engine.forward([job.seqs[row] for job, row in items]).float().cpu().numpy()
+        return list(arr)
 
     def _finish(self, items, rows, err) -> None:
         finished: list[Job] = []

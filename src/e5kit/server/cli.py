@@ -27,7 +27,8 @@ def parse_model_arg(value: str) -> tuple[str | None, str]:
 @model_options(multiple=True)
 @click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=8000, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option("--api-key", "api_keys", multiple=True, envvar="E5KIT_API_KEY", help="Accept this Bearer key (repeatable). No keys: open server.")
+@click.option("--api-key", "api_keys", multiple=True, envvar="E5KIT_API_KEY",
+              help="Accept this Bearer key (repeatable). No keys: open server.")
 @click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
               help="File of keys, one per line: KEY or 'LABEL KEY' (# comments allowed).")
 @click.option("--default-input-type", type=click.Choice(["query", "passage", "raw"]), default="query",

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..loading import load_tokenizer
+from ..pipeline import finish
 from ..prompts import beir_document
 
 
@@ -21,13 +21,8 @@ def embed_texts(model, texts: Sequence[str], input_type: str, max_length: int | 
                 batch_size: int = 64, task: str | None = None, progress: bool | None = None) -> torch.Tensor:
     """(n, dim) normalised float32 embeddings of ``texts`` with the model's prefixes, cut at
     ``max_length`` tokens (default: the model's limit). ``model`` is an :class:`e5kit.E5`."""
-    formatted = model.format(list(texts), input_type, task)
-    if max_length is None or max_length >= model.max_tokens:
-        ids = model.engine.tokenize(formatted).ids
-    else:
-        tok = load_tokenizer(model.engine.checkpoint.path, max_length)
-        ids = [e.ids for e in tok.encode_batch(formatted)]
-    return model.engine.embed_ids(ids, batch_size=batch_size, progress=progress)
+    prepared = model.prepare(list(texts), input_type, task=task, max_tokens=max_length)
+    return torch.from_numpy(finish(model.embed(prepared, batch_size=batch_size, progress=progress)))
 
 
 def exact_search(queries: torch.Tensor, corpus: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
