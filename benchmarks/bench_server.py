@@ -117,7 +117,7 @@ def _status_kb(pid: int, field: str) -> float:
 
 
 async def load(url: str, texts: list[str], clients: int, per_request: int, duration: float, server: Server,
-               retry_429: float = 0.0) -> dict:
+               retry_429: float = 0.0, headers: dict | None = None) -> dict:
     """C clients in closed loops for `duration` seconds; returns the run's figures.
 
     Only requests answered within the window count. At its end the clients hang up: the server drops
@@ -136,7 +136,7 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
             rss.append(server.rss_mb())
             await asyncio.sleep(0.25)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as c:
         async def client(k: int):
             nonlocal tokens, errors, in_flight
             i = k * 7919
@@ -170,7 +170,7 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    await _wait_idle(url)
+    await _wait_idle(url, headers=headers)
     lat.sort()
     ok = statuses.get(200, 0)
     return {
@@ -185,11 +185,11 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
     }
 
 
-async def _wait_idle(url: str, timeout: float = 120) -> None:
+async def _wait_idle(url: str, timeout: float = 120, headers: dict | None = None) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as c:
         while time.monotonic() < deadline:
             text = (await c.get("/metrics")).text
             queued = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples

@@ -23,6 +23,8 @@ LAZY_COMMANDS = {
     "filter": "e5kit.train.cli:filter_command",
     "embed-corpus": "e5kit.scale.cli:embed_corpus",
     "load-vectors": "e5kit.scale.cli:load_vectors",
+    "accounts": "e5kit.service.cli:accounts_cli",
+    "keys": "e5kit.service.cli:keys_cli",
 }
 
 

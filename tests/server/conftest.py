@@ -36,6 +36,16 @@ def tiny_server(tiny_bert, tiny_xlmr, tiny_instruct):
 
 
 @pytest.fixture(scope="session")
+def tiny_process(tiny_bert, tiny_instruct, tmp_path_factory):
+    """A real `e5kit serve` process (tiny + inst, one key), for clients that need a real URL."""
+    d = tmp_path_factory.mktemp("tiny-process")
+    server = ServerProcess(["-m", f"tiny={tiny_bert}", "-m", f"inst={tiny_instruct}", "--api-key", KEY,
+                            "--threads", "1"], d / "server.log", key=KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def ml_server(ml_e5, tmp_path_factory):
     """A real `e5kit serve` process with the real multilingual-e5-small, no keys."""
     d = tmp_path_factory.mktemp("ml-server")

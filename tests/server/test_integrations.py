@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from e5kit import E5
-from server_helpers import KEY, ServerProcess
+from server_helpers import KEY
 
 pytest.importorskip("langchain_core")
 pytest.importorskip("llama_index.core")
@@ -23,29 +23,19 @@ QUERY = "how much protein should a female eat"
 TASK = "Given a question, retrieve passages that answer it"
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_bert, tiny_instruct, tmp_path_factory):
-    """A real `e5kit serve` process: the frameworks' own HTTP clients must reach it over TCP."""
-    d = tmp_path_factory.mktemp("integrations-server")
-    server = ServerProcess(["-m", f"tiny={tiny_bert}", "-m", f"inst={tiny_instruct}", "--api-key", KEY,
-                            "--threads", "1"], d / "server.log", key=KEY)
-    yield server
-    server.stop()
-
-
 def _expected(path, task=None):
     m = E5(str(path))
     return m.encode_passages(DOCS), m.encode_queries([QUERY], task=task)[0]
 
 
 @pytest.mark.parametrize("where", ["local", "server"])
-def test_langchain_embeddings(where, tiny_bert, tiny_instruct, tiny_server):
+def test_langchain_embeddings(where, tiny_bert, tiny_instruct, tiny_process):
     from langchain_core.vectorstores import InMemoryVectorStore
 
     for name, path, task in (("tiny", tiny_bert, None), ("inst", tiny_instruct, TASK)):
         docs, query = _expected(path, task)
         emb = (E5Embeddings(str(path), task=task) if where == "local" else
-               E5Embeddings(base_url=tiny_server.url + "/v1", model=name, api_key=KEY, task=task, batch_size=2))
+               E5Embeddings(base_url=tiny_process.url + "/v1", model=name, api_key=KEY, task=task, batch_size=2))
         np.testing.assert_allclose(emb.embed_documents(DOCS), docs, atol=1e-5)
         np.testing.assert_allclose(emb.embed_query(QUERY), query, atol=1e-5)
         np.testing.assert_allclose(asyncio.run(emb.aembed_documents(DOCS)), docs, atol=1e-5)
@@ -61,13 +51,13 @@ def test_langchain_embeddings(where, tiny_bert, tiny_instruct, tiny_server):
 
 
 @pytest.mark.parametrize("where", ["local", "server"])
-def test_llamaindex_embedding(where, tiny_bert, tiny_instruct, tiny_server):
+def test_llamaindex_embedding(where, tiny_bert, tiny_instruct, tiny_process):
     from llama_index.core import Document, VectorStoreIndex
 
     for name, path, task in (("tiny", tiny_bert, None), ("inst", tiny_instruct, TASK)):
         docs, query = _expected(path, task)
         emb = (E5Embedding(str(path), task=task) if where == "local" else
-               E5Embedding(base_url=tiny_server.url, model=name, api_key=KEY, task=task, embed_batch_size=2))
+               E5Embedding(base_url=tiny_process.url, model=name, api_key=KEY, task=task, embed_batch_size=2))
         np.testing.assert_allclose(emb.get_text_embedding_batch(DOCS), docs, atol=1e-5)
         np.testing.assert_allclose(emb.get_text_embedding(DOCS[1]), docs[1], atol=1e-5)
         np.testing.assert_allclose(emb.get_query_embedding(QUERY), query, atol=1e-5)
@@ -79,25 +69,23 @@ def test_llamaindex_embedding(where, tiny_bert, tiny_instruct, tiny_server):
         assert [h.node.get_content() for h in hits] == [DOCS[i] for i in np.argsort(-(docs @ query))]
 
 
-def test_server_errors_surface_with_the_servers_message(tiny_server):
-    emb = E5Embeddings(base_url=tiny_server.url, model="no-such-model", api_key=KEY)
+def test_server_errors_surface_with_the_servers_message(tiny_process):
+    emb = E5Embeddings(base_url=tiny_process.url, model="no-such-model", api_key=KEY)
     with pytest.raises(RuntimeError, match="answered 404: model 'no-such-model' is not served here"):
         emb.embed_query(QUERY)
     with pytest.raises(RuntimeError, match="answered 401"):
-        E5Embeddings(base_url=tiny_server.url, model="tiny").embed_query(QUERY)
+        E5Embeddings(base_url=tiny_process.url, model="tiny").embed_query(QUERY)
     with pytest.raises(TypeError, match="apply to a local model"):
-        E5Embeddings(base_url=tiny_server.url, device="cpu")
+        E5Embeddings(base_url=tiny_process.url, device="cpu")
 
 
 def test_token_ids_from_another_tokenizer_are_refused(tiny_server, tiny_bert):
     """What LangChain's OpenAIEmbeddings sends by default: a client tokenizer's ids (tiktoken's,
     here ids without the model's [CLS]). Embedded as this vocabulary they would be silently wrong."""
-    import httpx
-
     own = E5(str(tiny_bert)).tokenize(["passage: gene study"])[0]
-    url, h = tiny_server.url + "/v1/embeddings", tiny_server.headers
-    r = httpx.post(url, json={"input": [own, own[1:-1]], "model": "tiny"}, headers=h)
+    c, url, h = tiny_server.client, "/v1/embeddings", tiny_server.headers
+    r = c.post(url, json={"input": [own, own[1:-1]], "model": "tiny"}, headers=h)
     assert r.status_code == 400 and r.json()["error"]["code"] == "foreign_token_ids"
     assert "item 1" in r.json()["error"]["message"] and "check_embedding_ctx_length" in r.json()["error"]["message"]
-    ok = httpx.post(url, json={"input": [own], "model": "tiny"}, headers=h)
+    ok = c.post(url, json={"input": [own], "model": "tiny"}, headers=h)
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1

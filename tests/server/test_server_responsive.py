@@ -37,8 +37,8 @@ def test_health_stays_fast_under_big_requests(tiny_bert, tmp_path):
     text = " ".join(WORDS[i % len(WORDS)] for i in range(700))  # ~5 KB, over 512 tokens
     big = json.dumps({"inputs": [f"{i} {text}" for i in range(1200)]}).encode()  # ~6 MB
     small = json.dumps({"inputs": [f"{i} {text}" for i in range(20)]}).encode()
-    cls, sep = E5(str(tiny_bert)).prepare([""]).ids[0]  # the model's own ids start with its [CLS]
-    ids = json.dumps({"input": [[cls] + [5 + (i % 50)] * 510 + [sep] for i in range(2000)]}).encode()  # ~3 MB
+    cls = E5(str(tiny_bert)).prepare([""]).ids[0][0]  # the model's own ids start with its [CLS]
+    ids = json.dumps({"input": [[cls] + [5 + (i % 50)] * 511 for i in range(2000)]}).encode()  # ~3 MB of token ids
     results: dict[str, list] = {"big": [], "ids": [], "small": []}
 
     def send(kind, path, body, n):

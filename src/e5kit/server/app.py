@@ -35,11 +35,12 @@ log = logging.getLogger("e5kit.server")
 
 def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerConfig | None = None,
                keys: KeyStore | None = None, *, authenticate: Authenticate | None = None,
-               meter: Meter | None = None) -> FastAPI:
+               meter: Meter | None = None, usage_route: bool = True) -> FastAPI:
     """A FastAPI app serving ``models`` (served id -> loaded :class:`E5`); the first is the default.
 
     ``authenticate`` and ``meter`` replace the key check and the in-memory usage meter (see
     :mod:`e5kit.server.service` for their contracts); by default ``keys`` decides who may call.
+    ``usage_route=False`` leaves ``GET /v1/usage`` to the caller (``e5kit.service`` serves its ledger there).
     """
     config = config or ServerConfig()
     metrics = Metrics()
@@ -97,7 +98,8 @@ def create_app(models: Sequence[tuple[str, E5]] | dict[str, E5], config: ServerC
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(500, f"internal server error ({type(exc).__name__})", "server_error")
 
-    app.include_router(openai.router(service, authenticate, lambda identity: usage.report(identity.key_id)))
+    report = (lambda identity: usage.report(identity.key_id)) if usage_route else None
+    app.include_router(openai.router(service, authenticate, report))
     app.include_router(native.router(service, authenticate))
     app.include_router(operations.router(service, authenticate))
     return app

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..cli import load_model, model_options
+from ..service.cli import SERVICE_OPTIONS, service_options
 from .config import ServerConfig, option_fields
 
 
@@ -53,6 +54,7 @@ def _config_options(f):
 @click.option("--access-log/--no-access-log", default=True,
               help="Log one line per request (credentials in query strings are redacted; keys are never logged).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@service_options
 def serve(model, device, dtype, backend, threads, host, port, api_keys, api_key_file, access_log, log_level,
           **limits):
     """Serve E5 models over HTTP: OpenAI /v1/embeddings, /embed, /similarity, /tokenize, /metrics.
@@ -71,6 +73,7 @@ def serve(model, device, dtype, backend, threads, host, port, api_keys, api_key_
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("e5kit.server")
+    service = {k: limits.pop(k) for k in SERVICE_OPTIONS}  # accounts, ledger, limits, pages (e5kit.service)
     try:
         keys = KeyStore.from_sources(api_keys, api_key_file)
         config = ServerConfig(**limits)
@@ -88,10 +91,17 @@ def serve(model, device, dtype, backend, threads, host, port, api_keys, api_key_
     from .app import create_app
 
     try:
-        app = create_app(loaded, config, keys)
+        if service["database_url"]:
+            from ..service.cli import app_from_options
+
+            app = app_from_options(loaded, config, keys, **service)
+        else:
+            app = create_app(loaded, config, keys)
     except ValueError as e:
         raise click.ClickException(str(e))
-    _run(app, sock, config, keys, access_log, log_level, log)
+    auth = ("accounts database" + (f" and {len(keys)} API key(s)" if keys.enabled else "") if service["database_url"]
+            else f"{len(keys)} API key(s)" if keys.enabled else "off (no --api-key / --api-key-file)")
+    _run(app, sock, config, auth, access_log, log_level, log)
 
 
 def _precision(m) -> str:
@@ -114,7 +124,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(app, sock: socket.socket, config: ServerConfig, keys, access_log: bool, log_level: str, log) -> None:
+def _run(app, sock: socket.socket, config: ServerConfig, auth: str, access_log: bool, log_level: str, log) -> None:
     import logging
 
     import torch
@@ -124,8 +134,7 @@ def _run(app, sock: socket.socket, config: ServerConfig, keys, access_log: bool,
 
     host, port = sock.getsockname()[:2]
     log.info("limits: %s", config.describe())
-    log.info("torch threads %d; auth: %s", torch.get_num_threads(),
-             f"{len(keys)} API key(s)" if keys.enabled else "off (no --api-key / --api-key-file)")
+    log.info("torch threads %d; auth: %s", torch.get_num_threads(), auth)
     # uvicorn's own drain limit comes a little after ours, so requests cut off by the drain get
     # their 503 from the service, not a cancelled task.
     uconfig = uvicorn.Config(app, log_level=log_level, access_log=access_log, server_header=False,

@@ -16,6 +16,7 @@ Seams for a hosted service (``e5kit.service`` plugs in through :func:`e5kit.serv
   vectors are computed and BEFORE the 200 response is sent (so a usage ledger never misses a
   delivered response); raising APIError (e.g. 402 over quota) answers that error instead. The
   default records per-key usage in memory (``/v1/usage``) and Prometheus counters.
+- ``usage_route=False``: no built-in ``GET /v1/usage``, for a service that reports its own ledger there.
 
 ``Identity.key_id`` labels metrics and usage (never the key itself).
 """

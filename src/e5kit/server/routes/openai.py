@@ -15,7 +15,8 @@ from ..service import EmbedService, Identity, ServedModel
 from ..errors import APIError
 
 
-def router(service: EmbedService, authenticate, usage_report) -> APIRouter:
+def router(service: EmbedService, authenticate, usage_report=None) -> APIRouter:
+    """``usage_report(identity) -> dict`` answers /v1/usage; None: no such route here."""
     r = APIRouter(prefix="/v1", tags=["openai"])
     models = service.request_models
 
@@ -45,10 +46,11 @@ def router(service: EmbedService, authenticate, usage_report) -> APIRouter:
                            param="model", code="model_not_found")
         return model_card(sm)
 
-    @r.get("/usage", tags=["metering"], summary="Tokens, requests and cost for the calling key",
-           responses={200: {"model": UsageReport}, **error_doc(401)})
-    async def usage(identity: Identity = Depends(authenticate)):
-        return usage_report(identity)
+    if usage_report is not None:
+        @r.get("/usage", tags=["metering"], summary="Tokens, requests and cost for the calling key",
+               responses={200: {"model": UsageReport}, **error_doc(401)})
+        async def usage(identity: Identity = Depends(authenticate)):
+            return usage_report(identity)
 
     return r
 
