@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -77,8 +76,6 @@ def test_readme_commands(ml_e5, tmp_path):
     assert np.load(tmp_path / "docs.npy").shape == (1, 384)
 
 
-@pytest.mark.skipif(os.environ.get("E5KIT_DOCS_TRAIN") != "1",
-                    reason="~7 min on a shared 2-core CPU without AMX (bf16 training): set E5KIT_DOCS_TRAIN=1")
 def test_train_doc_mine_config_and_loading(ml_e5, scifact, tmp_path):
     """docs/train.md: `e5kit mine --beir ...`, then `e5kit train run.yaml --max-steps N` with the
     documented run.yaml (bf16 + GradCache on CPU included), then the three documented loaders."""
