@@ -4,15 +4,19 @@ and the real multilingual E5 model from ../shared (skipped with a reason when ab
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from e5kit.evaluate import load_beir
+
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import SHARED, make_tiny_model  # noqa: E402
+from helpers import SHARED, WORDS_PER_DOC, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +70,33 @@ def materialized_ml_e5(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def scifact(shared_dir) -> Path:
     return shared_dir / "data" / "scifact"
+
+
+EXTRA_DOCS = 150
+
+
+@pytest.fixture(scope="session")
+def scifact_subset(tmp_path_factory, scifact) -> Path:
+    """All 300 SciFact test queries, their relevant documents and a fixed random sample of others, in
+    BEIR layout (documents cut short): the one SciFact subset of the retrieval-quality tests."""
+    out = tmp_path_factory.mktemp("subset") / "scifact"  # the folder name gives the task name
+    out.mkdir()
+    data = load_beir(scifact, "test")
+    relevant = sorted({d for docs in data.qrels.values() for d in docs})
+    others = sorted(set(data.corpus) - set(relevant))
+    keep = set(relevant) | set(random.Random(0).sample(others, EXTRA_DOCS))
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for d in data.corpus:
+            if d in keep:
+                title, text = data.corpus[d]
+                f.write(json.dumps({"_id": d, "title": title, "text": " ".join(text.split()[:WORDS_PER_DOC])}) + "\n")
+    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+        for q, text in data.queries.items():
+            f.write(json.dumps({"_id": q, "text": text}) + "\n")
+    (out / "qrels").mkdir()
+    with open(out / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q, docs in data.qrels.items():
+            for d, r in docs.items():
+                f.write(f"{q}\t{d}\t{r}\n")
+    return out

@@ -14,6 +14,8 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SRC = Path(__file__).resolve().parents[1] / "src"
+# The SciFact subset fixture (conftest.scifact_subset) cuts documents to their first 40 words: CI embeds it in seconds.
+WORDS_PER_DOC = 40
 
 
 def run_python(*args: str, env: dict[str, str] | None = None, clean_env: bool = False, stdin: str | None = None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -21,37 +20,7 @@ from e5kit.evaluate import E5ForMTEB, evaluate_retrieval, evaluate_sts, load_bei
 from e5kit.prompts import beir_document
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import SHARED, reference_embed  # noqa: E402
-
-WORDS_PER_DOC = 40  # documents cut to their first 40 words keep the CI embedding time to seconds
-EXTRA_DOCS = 150
-
-
-@pytest.fixture(scope="module")
-def scifact_subset(tmp_path_factory, scifact) -> Path:
-    """All 300 SciFact test queries, their relevant documents and a fixed random sample of others."""
-    out = tmp_path_factory.mktemp("subset") / "scifact"  # the folder name gives the task name
-    out.mkdir()
-    data = load_beir(scifact, "test")
-    relevant = sorted({d for docs in data.qrels.values() for d in docs})
-    others = sorted(set(data.corpus) - set(relevant))
-    keep = set(relevant) | set(random.Random(0).sample(others, EXTRA_DOCS))
-    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-        for d in data.corpus:
-            if d in keep:
-                title, text = data.corpus[d]
-                f.write(json.dumps({"_id": d, "title": title, "text": " ".join(text.split()[:WORDS_PER_DOC])}) + "\n")
-    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
-        for q, text in data.queries.items():
-            f.write(json.dumps({"_id": q, "text": text}) + "\n")
-    (out / "qrels").mkdir()
-    with open(out / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for q, docs in data.qrels.items():
-            for d, r in docs.items():
-                f.write(f"{q}\t{d}\t{r}\n")
-    return out
-
+from helpers import SHARED, WORDS_PER_DOC, reference_embed  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_beir(tmp_path_factory, scifact_subset) -> Path:
