@@ -3,15 +3,21 @@ keys, limits, login, CSRF and the refusals of the security checklist."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+import threading
 import uuid
 
 import httpx
 import pytest
 
-from conftest import PASSWORD
+from conftest import PASSWORD, Accounts
+from e5kit import E5
+from e5kit.server import ServerConfig
+from e5kit.service.app import ServiceConfig, create_service_app
 from e5kit.service.db import WebSession
+from inprocess import InProcessServer
 
 SQLI = ["' OR '1'='1", "x'; DROP TABLE usage; --", '" OR 1=1 --', "1 UNION SELECT secret_hash FROM api_keys"]
 
@@ -67,6 +73,38 @@ def test_ledger_equals_usage_received(sqlite_service):
     finally:
         fresh.engine.dispose()
     assert rep2["total"]["tokens"] == got and rep2["data"][0]["period"] == dt.date.today().strftime("%Y-%m")
+
+
+def test_a_response_that_fails_to_render_is_not_billed(tiny_bert, tmp_path):
+    """Metering is the last step: a request that fails after its vectors are computed (here its
+    response cannot be rendered because the render pool is busy: 429) writes nothing to the ledger."""
+    acc = Accounts(f"sqlite:///{tmp_path / 'service.db'}")
+    acc.user("render@example.com")
+    key, kid = acc.key("render@example.com")
+    # 800 x 32 floats: a response over 256 KiB, so it is rendered in the pool, whose backlog is
+    # bounded by twice the body limit (200 kB here)
+    app = create_service_app([("tiny", E5(str(tiny_bert)))], ServiceConfig(acc.url, cookie_secure=False),
+                             ServerConfig(max_body_bytes=100_000))
+    server = InProcessServer(app, key=key)
+    gate = threading.Event()
+    texts = [f"text {i}" for i in range(800)]
+    try:
+        # another request's work holds one pool thread (the other one tokenizes)
+        busy = asyncio.run_coroutine_threadsafe(server.service.run(gate.wait, cost=1), server.loop)
+        for path, body in (("/v1/embeddings", {"input": texts}), ("/embed", {"inputs": texts})):
+            r = server.client.post(path, json=body, headers=server.headers)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            assert r.headers["Retry-After"] == "1"
+        assert acc.ledger_tokens(key_label=kid) == (0, 0)
+        gate.set()
+        busy.result(10)
+        r = server.client.post("/v1/embeddings", json={"input": texts}, headers=server.headers)
+        assert r.status_code == 200 and len(r.json()["data"]) == 800
+        assert acc.ledger_tokens(key_label=kid) == (r.json()["usage"]["prompt_tokens"], 1)
+    finally:
+        gate.set()
+        server.stop()
+        acc.engine.dispose()
 
 
 def test_key_file_usage_goes_to_the_ledger(sqlite_service):
