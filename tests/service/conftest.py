@@ -76,7 +76,7 @@ def postgres_url():
     try:
         pg = Postgres()
     except PostgresUnavailable as e:
-        pytest.skip(str(e))
+        pytest.skip(f"[required] {e}")
     try:
         yield pg.url
     finally:

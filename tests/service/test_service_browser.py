@@ -19,9 +19,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def browser():
-    pw_api = pytest.importorskip("playwright.sync_api")
+    pw_api = pytest.importorskip("playwright.sync_api", reason="[required] playwright is not installed")
     if not shutil.which("chromium") and not __import__("os").path.exists(CHROMIUM):
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
+        pytest.skip("[required] Chromium is not installed (apt-get install chromium)")
     profile = tempfile.mkdtemp(prefix="e5kit-chromium-")
     with pw_api.sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS)
