@@ -8,6 +8,7 @@ import datetime as dt
 import re
 import threading
 import uuid
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from conftest import PASSWORD, Accounts
 from e5kit import E5
 from e5kit.server import ServerConfig
+from e5kit.service.accounts import list_keys
 from e5kit.service.app import ServiceConfig, create_service_app
 from e5kit.service.db import WebSession
 from inprocess import InProcessServer
@@ -243,8 +245,22 @@ def test_other_accounts_usage_is_not_readable(sqlite_service):
 
 def test_sql_metacharacters_everywhere(sqlite_service):
     server, acc = sqlite_service
-    acc.user("safe@example.com")
+    uid = acc.user("safe@example.com").id
     key, kid = acc.key("safe@example.com")
+    # the login's `next` (only a path on this site is followed) and a key label (stored verbatim)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for bad in SQLI:
+            for nxt, where in ((bad, "/account"), ("/" + bad, "/" + bad)):
+                form = c.get("/login", params={"next": nxt})
+                assert form.status_code == 200
+                csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+                r = c.post("/login", data={"email": "safe@example.com", "password": PASSWORD, "csrf": csrf, "next": nxt})
+                assert r.status_code == 303 and unquote(r.headers["location"]) == where
+            r = c.post("/account/keys", data={"label": bad, "csrf": page_csrf(c)})
+            assert r.status_code == 201 and "Traceback" not in r.text
+            made = re.search(r'id="new-key">([^<]+)<', r.text).group(1)
+            assert httpx.get(server.url + "/v1/usage", headers=bearer(made)).status_code == 200
+    assert sorted(k.label for k in list_keys(acc.db, uid) if k.label) == sorted(SQLI)
     before = acc.ledger_tokens()
     for bad in SQLI:
         assert login(server.url, bad, bad)[1].status_code in (401, 429)  # 429: this address is throttled
@@ -253,7 +269,8 @@ def test_sql_metacharacters_everywhere(sqlite_service):
         assert r.status_code == 401
         r = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, headers=bearer(f"e5k_{kid}_{bad}"))
         assert r.status_code == 401
-        for q in ({"key": bad}, {"model": bad}, {"since": bad}, {"group_by": bad}, {"scope": bad}, {"group_by": "total"}):
+        for q in ({"key": bad}, {"model": bad}, {"since": bad}, {"until": bad}, {"group_by": bad}, {"scope": bad},
+                  {"group_by": "total"}):
             r = httpx.get(server.url + "/v1/usage", params=q, headers=bearer(key))
             assert r.status_code in (200, 400, 404), r.text
             assert "secret_hash" not in r.text.replace(bad, "") and "Traceback" not in r.text
@@ -263,6 +280,14 @@ def test_sql_metacharacters_everywhere(sqlite_service):
         assert r.status_code == 404
     after = acc.ledger_tokens()
     assert after == before  # nothing billed, tables intact
+    # as Idempotency-Keys: each billed once, however often it is sent
+    got = 0
+    for bad in SQLI:
+        rs = [httpx.post(server.url + "/v1/embeddings", json={"input": "idempotent"},
+                         headers={**bearer(key), "Idempotency-Key": bad}) for _ in range(2)]
+        assert [r.status_code for r in rs] == [200, 200]
+        got += rs[0].json()["usage"]["prompt_tokens"]
+    assert acc.ledger_tokens() == (after[0] + got, after[1] + len(SQLI))
     assert "Traceback" not in server.log()
 
 
