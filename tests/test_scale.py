@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
-pq = pytest.importorskip("pyarrow.parquet")
+ray = pytest.importorskip("ray", reason="[required] ray is not installed")
+pq = pytest.importorskip("pyarrow.parquet", reason="[required] pyarrow is not installed")
 
 from e5kit import E5  # noqa: E402
 from e5kit.prompts import beir_document  # noqa: E402

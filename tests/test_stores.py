@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pgserver = pytest.importorskip("pgserver")
-pytest.importorskip("psycopg")
-pytest.importorskip("lancedb")
+pgserver = pytest.importorskip("pgserver", reason="[required] pgserver (PostgreSQL + pgvector) is not installed")
+pytest.importorskip("psycopg", reason="[required] psycopg is not installed")
+pytest.importorskip("lancedb", reason="[required] lancedb is not installed")
 
 from e5kit import E5, Index  # noqa: E402
 from e5kit.scale.shards import write_vectors  # noqa: E402

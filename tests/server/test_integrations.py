@@ -12,8 +12,8 @@ import pytest
 from e5kit import E5
 from server_helpers import KEY
 
-pytest.importorskip("langchain_core")
-pytest.importorskip("llama_index.core")
+pytest.importorskip("langchain_core", reason="[required] langchain-core is not installed")
+pytest.importorskip("llama_index.core", reason="[required] llama-index-core is not installed")
 
 from e5kit.integrations.langchain import E5Embeddings  # noqa: E402
 from e5kit.integrations.llamaindex import E5Embedding  # noqa: E402

@@ -48,6 +48,15 @@ class Accounts:
         with self.db() as s:
             return tuple(int(x) for x in s.execute(q).one())
 
+    def counters(self, scope: str) -> dict[int, int]:
+        """The limit counter ``scope`` (e.g. ``key <id>:t``): period -> value."""
+        from sqlalchemy import select
+
+        from e5kit.service.db import Counter
+
+        with self.db() as s:
+            return dict(s.execute(select(Counter.period, Counter.value).where(Counter.scope == scope)).all())
+
 
 def serve(model_dir: Path, url: str, log: Path, *extra: str) -> ServerProcess:
     return ServerProcess(["-m", f"tiny={model_dir}", "--database-url", url, "--price", "tiny=0.01", "--threads", "1",
@@ -76,7 +85,7 @@ def postgres_url():
     try:
         pg = Postgres()
     except PostgresUnavailable as e:
-        pytest.skip(str(e))
+        pytest.skip(f"[required] {e}")
     try:
         yield pg.url
     finally:

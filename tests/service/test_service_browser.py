@@ -19,9 +19,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def browser():
-    pw_api = pytest.importorskip("playwright.sync_api")
+    pw_api = pytest.importorskip("playwright.sync_api", reason="[required] playwright is not installed")
     if not shutil.which("chromium") and not __import__("os").path.exists(CHROMIUM):
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
+        pytest.skip("[required] Chromium is not installed (apt-get install chromium)")
     profile = tempfile.mkdtemp(prefix="e5kit-chromium-")
     with pw_api.sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS)
@@ -50,13 +50,14 @@ def test_playground_in_chromium(browser, sqlite_service, tiny_bert):
     assert page.locator("#login-needed").count() == 0 and page.is_enabled("#run")
 
     texts = ["how much protein should a female eat", "summit define", "the highest point of a mountain"]
-    for _ in range(page.locator(".remove-input").count() - 1):  # keep one row, then type three inputs
-        page.locator(".remove-input").first.click()
-    page.locator(".input-text").first.fill(texts[0])
-    for t in texts[1:]:
+    start = page.locator(".input-text").count()
+    for t in texts:  # add three inputs, then remove the example rows the page starts with
         page.click("#add-input")
         page.locator(".input-text").last.fill(t)
-    assert page.locator(".input-text").count() == 3
+    assert page.locator(".input-text").count() == start + 3
+    for _ in range(start):
+        page.locator(".remove-input").first.click()
+    assert [a.input_value() for a in page.locator(".input-text").all()] == texts
     page.uncheck("#normalize")
     page.click("#run")
     page.wait_for_selector("#heatmap .heat")  # (wait_for_function would need unsafe-eval under our CSP)

@@ -3,15 +3,23 @@ keys, limits, login, CSRF and the refusals of the security checklist."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+import threading
 import uuid
+from urllib.parse import unquote
 
 import httpx
 import pytest
 
-from conftest import PASSWORD
+from conftest import PASSWORD, Accounts
+from e5kit import E5
+from e5kit.server import ServerConfig
+from e5kit.service.accounts import list_keys
+from e5kit.service.app import ServiceConfig, create_service_app
 from e5kit.service.db import WebSession
+from inprocess import InProcessServer
 
 SQLI = ["' OR '1'='1", "x'; DROP TABLE usage; --", '" OR 1=1 --', "1 UNION SELECT secret_hash FROM api_keys"]
 
@@ -67,6 +75,38 @@ def test_ledger_equals_usage_received(sqlite_service):
     finally:
         fresh.engine.dispose()
     assert rep2["total"]["tokens"] == got and rep2["data"][0]["period"] == dt.date.today().strftime("%Y-%m")
+
+
+def test_a_response_that_fails_to_render_is_not_billed(tiny_bert, tmp_path):
+    """Metering is the last step: a request that fails after its vectors are computed (here its
+    response cannot be rendered because the render pool is busy: 429) writes nothing to the ledger."""
+    acc = Accounts(f"sqlite:///{tmp_path / 'service.db'}")
+    acc.user("render@example.com")
+    key, kid = acc.key("render@example.com")
+    # 800 x 32 floats: a response over 256 KiB, so it is rendered in the pool, whose backlog is
+    # bounded by twice the body limit (200 kB here)
+    app = create_service_app([("tiny", E5(str(tiny_bert)))], ServiceConfig(acc.url, cookie_secure=False),
+                             ServerConfig(max_body_bytes=100_000))
+    server = InProcessServer(app, key=key)
+    gate = threading.Event()
+    texts = [f"text {i}" for i in range(800)]
+    try:
+        # another request's work holds one pool thread (the other one tokenizes)
+        busy = asyncio.run_coroutine_threadsafe(server.service.run(gate.wait, cost=1), server.loop)
+        for path, body in (("/v1/embeddings", {"input": texts}), ("/embed", {"inputs": texts})):
+            r = server.client.post(path, json=body, headers=server.headers)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            assert r.headers["Retry-After"] == "1"
+        assert acc.ledger_tokens(key_label=kid) == (0, 0)
+        gate.set()
+        busy.result(10)
+        r = server.client.post("/v1/embeddings", json={"input": texts}, headers=server.headers)
+        assert r.status_code == 200 and len(r.json()["data"]) == 800
+        assert acc.ledger_tokens(key_label=kid) == (r.json()["usage"]["prompt_tokens"], 1)
+    finally:
+        gate.set()
+        server.stop()
+        acc.engine.dispose()
 
 
 def test_key_file_usage_goes_to_the_ledger(sqlite_service):
@@ -205,8 +245,22 @@ def test_other_accounts_usage_is_not_readable(sqlite_service):
 
 def test_sql_metacharacters_everywhere(sqlite_service):
     server, acc = sqlite_service
-    acc.user("safe@example.com")
+    uid = acc.user("safe@example.com").id
     key, kid = acc.key("safe@example.com")
+    # the login's `next` (only a path on this site is followed) and a key label (stored verbatim)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for bad in SQLI:
+            for nxt, where in ((bad, "/account"), ("/" + bad, "/" + bad)):
+                form = c.get("/login", params={"next": nxt})
+                assert form.status_code == 200
+                csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+                r = c.post("/login", data={"email": "safe@example.com", "password": PASSWORD, "csrf": csrf, "next": nxt})
+                assert r.status_code == 303 and unquote(r.headers["location"]) == where
+            r = c.post("/account/keys", data={"label": bad, "csrf": page_csrf(c)})
+            assert r.status_code == 201 and "Traceback" not in r.text
+            made = re.search(r'id="new-key">([^<]+)<', r.text).group(1)
+            assert httpx.get(server.url + "/v1/usage", headers=bearer(made)).status_code == 200
+    assert sorted(k.label for k in list_keys(acc.db, uid) if k.label) == sorted(SQLI)
     before = acc.ledger_tokens()
     for bad in SQLI:
         assert login(server.url, bad, bad)[1].status_code in (401, 429)  # 429: this address is throttled
@@ -215,7 +269,8 @@ def test_sql_metacharacters_everywhere(sqlite_service):
         assert r.status_code == 401
         r = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, headers=bearer(f"e5k_{kid}_{bad}"))
         assert r.status_code == 401
-        for q in ({"key": bad}, {"model": bad}, {"since": bad}, {"group_by": bad}, {"scope": bad}, {"group_by": "total"}):
+        for q in ({"key": bad}, {"model": bad}, {"since": bad}, {"until": bad}, {"group_by": bad}, {"scope": bad},
+                  {"group_by": "total"}):
             r = httpx.get(server.url + "/v1/usage", params=q, headers=bearer(key))
             assert r.status_code in (200, 400, 404), r.text
             assert "secret_hash" not in r.text.replace(bad, "") and "Traceback" not in r.text
@@ -225,6 +280,14 @@ def test_sql_metacharacters_everywhere(sqlite_service):
         assert r.status_code == 404
     after = acc.ledger_tokens()
     assert after == before  # nothing billed, tables intact
+    # as Idempotency-Keys: each billed once, however often it is sent
+    got = 0
+    for bad in SQLI:
+        rs = [httpx.post(server.url + "/v1/embeddings", json={"input": "idempotent"},
+                         headers={**bearer(key), "Idempotency-Key": bad}) for _ in range(2)]
+        assert [r.status_code for r in rs] == [200, 200]
+        got += rs[0].json()["usage"]["prompt_tokens"]
+    assert acc.ledger_tokens() == (after[0] + got, after[1] + len(SQLI))
     assert "Traceback" not in server.log()
 
 

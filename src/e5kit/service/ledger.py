@@ -15,15 +15,17 @@ import time
 from concurrent.futures import Future
 
 from sqlalchemy import func, insert, literal_column, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from .accounts import Identity
 from .db import ApiKey, Usage, utcnow
-from .limits import LimitExceeded, charge
+from .limits import LimitExceeded, charge, lock_budgets
 
 # Prices in USD per million tokens, by checkpoint (the seed's hosted e5-large-v2: $0.010 / Mtoken).
 DEFAULT_PRICES = {"intfloat/e5-large-v2": 0.010}
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back, so it can be retried.
+RETRYABLE = {"40P01", "40001"}
 
 
 class Ledger:
@@ -65,12 +67,12 @@ class Ledger:
                 except queue.Empty:
                     break
             try:
-                results = self._write(batch)
+                results = self._commit(batch)
             except IntegrityError:  # a concurrent replica committed one of these Idempotency-Keys
                 results = []
                 for item in batch:
                     try:
-                        results.append(self._write([item])[0])
+                        results.append(self._commit([item])[0])
                     except IntegrityError:
                         results.append(False)
                     except Exception as e:  # noqa: BLE001 - handed to the waiting request
@@ -83,6 +85,16 @@ class Ledger:
                 else:
                     fut.set_result(res)
 
+    def _commit(self, batch: list) -> list:
+        """:meth:`_write`, once more if PostgreSQL aborted it as a deadlock or serialization failure
+        (rolled back whole, so nothing was billed; the retry re-reads what is billed already)."""
+        try:
+            return self._write(batch)
+        except DBAPIError as e:
+            if isinstance(e, IntegrityError) or getattr(e.orig, "sqlstate", None) not in RETRYABLE:
+                raise
+            return self._write(batch)
+
     def _write(self, batch: list) -> list:
         """One transaction for the whole batch: one INSERT (executemany), one last-use UPDATE."""
         now, t = utcnow(), time.time()
@@ -93,6 +105,7 @@ class Ledger:
             wanted = [i.request_key for i, *_ in batch if i.request_key is not None]
             billed = set(s.execute(select(Usage.key_label, Usage.request_key)
                                    .where(Usage.request_key.in_(wanted))).all()) if wanted else set()
+            lock_budgets(s, [i.limits for i, *_ in batch], t)
             for identity, model, inputs, tokens, _ in batch:
                 rk = (identity.key_id, identity.request_key)
                 if identity.request_key is not None and rk in billed:
@@ -111,7 +124,8 @@ class Ledger:
                 if identity.api_key_id is not None:
                     key_ids.add(identity.api_key_id)
                 results.append(True)
-            if rows:
+            if rows:  # in one order too: replicas inserting the same Idempotency-Keys wait, never deadlock
+                rows.sort(key=lambda r: (r["key_label"], r["request_key"] or ""))
                 s.execute(insert(Usage), rows)
             if key_ids:  # at most one write a minute per key
                 s.execute(update(ApiKey).where(ApiKey.id.in_(key_ids), or_(

@@ -4,7 +4,8 @@ Counts live in the ``counters`` table as fixed windows, bumped with one conditio
 (``INSERT .. ON CONFLICT DO UPDATE .. WHERE value + n <= limit``), so every replica that shares the
 database sees the same counts and two replicas can never both take the last unit of a limit.
 Requests/s is taken when a request is admitted; tokens (per minute and per month) are taken in the
-ledger's transaction, so a request that would cross a limit is refused and not billed.
+ledger's transaction, so a request that would cross a limit is refused and not billed. The ledger
+locks a batch's token counters in sorted order first (:func:`lock_budgets`), so replicas never deadlock.
 """
 
 from __future__ import annotations
@@ -93,27 +94,40 @@ def admit(s: Session, scopes: tuple, now: float | None = None) -> None:
                                 "insufficient_quota", _to_next_month(now))
 
 
+def token_budgets(scopes: tuple, now: float) -> list[tuple[str, int, int]]:
+    """(counter, period, limit) of each tokens/min and monthly budget of ``scopes`` at ``now``."""
+    out = []
+    for name, lim in scopes:
+        if lim.tpm is not None:
+            out.append((f"{name}:t", int(now // 60), lim.tpm))
+        if lim.monthly_quota is not None:
+            out.append((f"{name}:m", _month(now), lim.monthly_quota))
+    return out
+
+
+def lock_budgets(s: Session, scopes: list[tuple], now: float) -> None:
+    """Lock every token counter that charging these requests' ``scopes`` may bump, in one global
+    order (a missing row is created at 0). Group commits of several replicas then lock shared
+    counters in the same order and cannot deadlock on them."""
+    for counter, period in sorted({(c, p) for sc in scopes for c, p, _ in token_budgets(sc, now)}):
+        bump(s, counter, period, 0, None)
+
+
 def charge(s: Session, scopes: tuple, tokens: int, now: float | None = None) -> None:
     """Take ``tokens`` from each scope's per-minute and monthly budgets, or raise LimitExceeded."""
     now = time.time() if now is None else now
     taken: list[tuple[str, int]] = []  # given back if a later budget refuses, so a refusal changes nothing
-    try:
-        for name, lim in scopes:
-            if lim.tpm is not None:
-                if bump(s, f"{name}:t", int(now // 60), tokens, lim.tpm) is None:
-                    raise LimitExceeded(f"this request's {tokens} tokens would exceed the limit of {lim.tpm} tokens "
-                                        f"per minute for {name}", "rate_limit_exceeded", 60 - int(now % 60))
-                taken.append((f"{name}:t", int(now // 60)))
-            if lim.monthly_quota is not None:
-                if bump(s, f"{name}:m", _month(now), tokens, lim.monthly_quota) is None:
-                    raise LimitExceeded(f"this request's {tokens} tokens would exceed the monthly quota of "
-                                        f"{lim.monthly_quota} tokens for {name}", "insufficient_quota",
-                                        _to_next_month(now))
-                taken.append((f"{name}:m", _month(now)))
-    except LimitExceeded:
-        for scope, period in taken:
-            bump(s, scope, period, -tokens, None)
-        raise
+    for counter, period, limit in token_budgets(scopes, now):
+        if bump(s, counter, period, tokens, limit) is None:
+            for c, p in taken:
+                bump(s, c, p, -tokens, None)
+            name = counter[:-2]
+            if counter.endswith(":t"):
+                raise LimitExceeded(f"this request's {tokens} tokens would exceed the limit of {limit} tokens "
+                                    f"per minute for {name}", "rate_limit_exceeded", 60 - int(now % 60))
+            raise LimitExceeded(f"this request's {tokens} tokens would exceed the monthly quota of {limit} tokens "
+                                f"for {name}", "insufficient_quota", _to_next_month(now))
+        taken.append((counter, period))
 
 
 def hit(s: Session, scope: str, window_s: int, limit: int, now: float | None = None) -> bool:

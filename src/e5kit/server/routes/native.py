@@ -39,10 +39,11 @@ def router(service: EmbedService, authenticate) -> APIRouter:
         ranges = np.stack([-np.ones(width, np.float32), np.ones(width, np.float32)])
         vecs = finish(vecs, normalize=req.normalize, dimensions=req.dimensions, precision=req.precision,
                       ranges=ranges if req.precision in ("int8", "uint8") else None)
-        n = await service.meter(identity, sm, p)
         body = await service.render(_rows_json, vecs, size_hint=vecs.size * 12)
-        headers = {"x-e5kit-model": sm.name, "x-e5kit-tokens": str(n), "x-e5kit-truncated": str(len(p.truncated))}
-        return Response(body, media_type="application/json", headers=headers)
+        headers = {"x-e5kit-model": sm.name, "x-e5kit-tokens": str(p.n_tokens), "x-e5kit-truncated": str(len(p.truncated))}
+        response = Response(body, media_type="application/json", headers=headers)
+        await service.meter(identity, sm, p)  # the last step: a request that fails is never billed
+        return response
 
     @r.post("/similarity", summary="Score passages against a query (cosine x 100) and rank them",
             openapi_extra=body_doc(models.similarity), responses={200: {"model": SimilarityResponse}, **NATIVE_ERRORS})
@@ -53,12 +54,14 @@ def router(service: EmbedService, authenticate) -> APIRouter:
         ps = await service.prepare(sm, list(req.passages), None, req.passage_type, None, req.truncate, "passages")
         p = Prepared(ids=q.ids + ps.ids, truncated=q.truncated + [i + 1 for i in ps.truncated])
         vecs = finish(await service.embed(request, sm, p))
-        n = await service.meter(identity, sm, p)
         scores = (vecs[1:] @ vecs[0]) * 100.0
         order = np.argsort(-scores, kind="stable")
-        return JSONResponse({"object": "similarity", "model": sm.name, "scores": scores.tolist(),
-                             "ranking": [{"index": int(i), "score": float(scores[i])} for i in order],
-                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+        n = p.n_tokens
+        response = JSONResponse({"object": "similarity", "model": sm.name, "scores": scores.tolist(),
+                                 "ranking": [{"index": int(i), "score": float(scores[i])} for i in order],
+                                 "usage": {"prompt_tokens": n, "total_tokens": n}})
+        await service.meter(identity, sm, p)  # the last step: a request that fails is never billed
+        return response
 
     @r.post("/tokenize", summary="The exact text the model sees (after the prefix) and its tokens with offsets",
             openapi_extra=body_doc(models.tokenize), responses={200: {"model": TokenizeResponse}, **NATIVE_ERRORS})

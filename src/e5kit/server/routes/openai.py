@@ -28,8 +28,9 @@ def router(service: EmbedService, authenticate, usage_report=None) -> APIRouter:
         p, vecs = await service.embed_inputs(request, sm, req.input, req.input_type, req.task, req.truncate,
                                              req.dimensions, "input")
         vecs = finish(vecs, dimensions=req.dimensions)
-        n = await service.meter(identity, sm, p)
-        body = await service.render(_embeddings_json, vecs, req.encoding_format, sm.name, n, size_hint=vecs.size * 12)
+        body = await service.render(_embeddings_json, vecs, req.encoding_format, sm.name, p.n_tokens,
+                                    size_hint=vecs.size * 12)
+        await service.meter(identity, sm, p)  # the last step: a request that fails is never billed
         headers = {"x-e5kit-truncated": str(len(p.truncated))} if p.truncated else None
         return Response(body, media_type="application/json", headers=headers)
 
