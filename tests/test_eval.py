@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def reference_retrieval(model_dir: Path, folder: Path) -> dict[str, float]:
             "recall_at_100": float(np.mean([v["recall_100"] for v in ev.values()]))}
 
 
+@pytest.mark.slow
 def test_scifact_ndcg_matches_reference(ml_e5, scifact_subset, record_property, capsys):
     model = E5(str(ml_e5))
     ours = evaluate_retrieval(model, scifact_subset)
@@ -74,6 +76,7 @@ def test_scifact_ndcg_matches_reference(ml_e5, scifact_subset, record_property, 
         print("\n" + line)
 
 
+@pytest.mark.slow
 def test_sts_spearman_matches_reference(ml_e5, shared_dir, tmp_path):
     from scipy.stats import spearmanr
 
@@ -111,6 +114,7 @@ def small_sets(tmp_path_factory) -> tuple[Path, Path]:
     return out / "stsbenchmark", clf
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_mteb_results_and_report(tiny_mlsmall, tiny_beir, small_sets, tmp_path):
     sts, clf = small_sets
     out = tmp_path / "out"
@@ -152,6 +156,19 @@ def test_eval_cli_writes_mteb_results_and_report(tiny_mlsmall, tiny_beir, small_
     md2 = (tmp_path / "out2" / "report.md").read_text()
     header = next(ln for ln in md2.splitlines() if ln.startswith("| task"))
     assert "again" in header and Path(tiny_mlsmall).name in header  # a local model is named by its folder
+
+
+def test_eval_relative_model_path_names_a_visible_run(tiny_mlsmall, small_sets, tmp_path, monkeypatch):
+    """`eval -m ./my-e5`: the run folder and the report are named after the model folder (once this was
+    a hidden `.__my-e5`)."""
+    shutil.copytree(tiny_mlsmall, tmp_path / "my-e5")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["eval", "-m", "./my-e5", "--sts", str(small_sets[0]), "-o", "out"])
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in (tmp_path / "out" / "results").iterdir()] == ["my-e5"]
+    assert (tmp_path / "out" / "results" / "my-e5" / "STSBenchmark.json").exists()
+    header = next(ln for ln in (tmp_path / "out" / "report.md").read_text().splitlines() if ln.startswith("| task"))
+    assert "my-e5" in header and "./" not in header
 
 
 def test_eval_cli_errors(tmp_path):

@@ -13,6 +13,7 @@ def model(ml_e5):
     return E5(str(ml_e5))
 
 
+@pytest.mark.slow
 def test_scifact_parity_with_reference(model, ml_e5, scifact):
     texts = scifact_texts(scifact, 100)
     with pytest.warns(UserWarning, match="truncated"):  # some SciFact abstracts pass 512 tokens

@@ -281,6 +281,25 @@ def test_yaml_config_and_flag_overrides(tiny_bert, tmp_path):
     assert r.exit_code != 0 and "bogus_option" in r.output
 
 
+def test_train_command_sets_its_thread_default_and_takes_backend(tiny_bert, tmp_path, monkeypatch):
+    """Like the other model-loading commands: --backend is accepted (torch; int8 refused before anything
+    loads) and the command, not the library, sets torch's threads to its default (OMP_NUM_THREADS here)."""
+    data = write_data(tmp_path / "d.jsonl", 4, negatives=0)
+    args = ["train", "-d", str(data), "-m", str(tiny_bert), "--negatives", "0", "--batch-size", "2", "--max-steps", "1",
+            "--no-progress"]
+    r = CliRunner().invoke(_main(), args + ["-o", str(tmp_path / "q"), "--backend", "int8"])
+    assert r.exit_code == 2 and "int8 is an inference backend" in r.output and not (tmp_path / "q").exists()
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    try:
+        r = CliRunner().invoke(_main(), args + ["-o", str(tmp_path / "o"), "--backend", "torch"])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((tmp_path / "o" / "train_config.json").read_text())["threads"] == 3
+
+
 # ---- mining and filtering -----------------------------------------------------------------------
 
 def _main():

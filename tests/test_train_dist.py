@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import run_python
 from test_train import write_data
+
+pytestmark = pytest.mark.slow  # torchrun and 160-step runs: ~20 s on a 2-core machine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -24,11 +28,9 @@ def _free_port() -> int:
 
 
 def _run(nproc: int, cfg: Path, out: Path, batch: int, extra: list[str]) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "e5kit", "train", str(cfg), "--output-dir", str(out),
-           "--batch-size", str(batch), *extra]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    r = run_python("-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                   f"--master_port={_free_port()}", "-m", "e5kit", "train", str(cfg), "--output-dir", str(out),
+                   "--batch-size", str(batch), *extra, env={"OMP_NUM_THREADS": "1"}, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -67,7 +69,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_resume_matches_uninterrupted(tiny_be
     opts = dict(data=str(data), model=str(tiny_bert), batch_size=4, negatives=1, epochs=40, lr=1e-4, threads=1,
                 progress=False, query_max_length=32, passage_max_length=32)
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")  # Popen, not run_python: it is interrupted
     cmd = [sys.executable, "-m", "e5kit", "train", "--output-dir", str(out)]
     for k, v in opts.items():
         flag = "--" + k.replace("_", "-")

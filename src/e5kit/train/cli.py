@@ -22,8 +22,7 @@ _HELP = {
     "max_steps": "Stop after this many steps (overrides --epochs).",
     "batch_size": "Queries per step per process; the contrastive batch is this x processes.",
     "negatives": "Hard negatives per query (0 for pair data).",
-    "chunk_size": "GradCache: sequences encoded at once, bounding memory (off when not set). "
-                  "Not index build's --chunk-size (texts per saved chunk).",
+    "chunk_size": "GradCache: sequences encoded at once, bounding memory (off when not set).",
     "lr": "Peak learning rate (AdamW).",
     "weight_decay": "AdamW weight decay (not on biases and LayerNorms).",
     "warmup_steps": "Linear warm-up steps (default: --warmup-ratio of all steps).",
@@ -42,7 +41,7 @@ _HELP = {
     "seed": "Seed for data order, negatives and dropout.",
     "shuffle": "Shuffle the data every epoch.",
     "device": "cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available).",
-    "threads": "CPU threads for torch (default: torch's own).",
+    "threads": "CPU threads for torch.",
     "prompt_style": "Override the model's prompt style: e5, instruct or none.",
     "task": "Instruction on queries for instruct models.",
     "skip_bad_lines": "Drop malformed lines (with a warning) instead of refusing the file.",
@@ -58,15 +57,20 @@ _HELP = {
     "resume": "checkpoint-N directory to continue, or 'auto' for the latest in --output-dir.",
 }
 SHORT = {"model": "-m", "data": "-d", "output_dir": "-o"}
+# what the command line does when a field is not set, where that differs from the library's None
+CLI_DEFAULTS = {"threads": "OMP_NUM_THREADS (torchrun sets 1), else all cores"}
 
 
 def _train_options(f):
     """One flag per TrainConfig field; None (not given) leaves the config file's value alone."""
+    f = click.option("--backend", type=click.Choice(["auto", "torch", "int8"]), default="auto", show_default=True,
+                     help="As in embed and serve; training runs torch (auto means torch), int8 is refused: it "
+                          "is an inference backend for the trained model.")(f)
     f = click.option("--dtype", "dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
                      help="Same as --precision, in the names embed and serve use.")(f)
     for fld in reversed(dataclasses.fields(TrainConfig)):
         typ, flag = option_type(fld), fld.name.replace("_", "-")
-        default = "not set" if fld.default in (None, "") else fld.default
+        default = CLI_DEFAULTS.get(fld.name) or ("not set" if fld.default in (None, "") else fld.default)
         help_ = f"{_HELP[fld.name]} [default: {default}]"
         names = [f"--{flag}"] + ([SHORT[fld.name]] if fld.name in SHORT else [])
         if typ is bool:
@@ -79,12 +83,12 @@ def _train_options(f):
 @click.command("train")
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @_train_options
-def train(config, dtype, **flags):
+def train(config, dtype, backend, **flags):
     """Fine-tune (or pre-train) an E5 model with its contrastive recipe.
 
     CONFIG is an optional YAML file of TrainConfig options; flags override it. Multi-process:
     `torchrun --nproc_per_node N -m e5kit train CONFIG` (gloo on CPU, NCCL on GPU).
-    Training runs the exact torch path in --precision; --backend int8 is for embed/serve/index.
+    Training runs the exact torch path in --precision; --backend int8 is for embed/serve/index/eval.
 
     \b
     e5kit train -m intfloat/multilingual-e5-small -d train.jsonl -o my-e5 --chunk-size 32 --dtype bfloat16
@@ -93,9 +97,14 @@ def train(config, dtype, **flags):
 
     from ..cli import check_device, require_extras
 
+    if backend == "int8":
+        raise click.BadParameter("training runs the exact torch path (gradients need it); int8 is an inference "
+                                 "backend: train with --backend torch (or auto), then embed, serve or evaluate "
+                                 "the trained model with --backend int8", param_hint="--backend")
     require_extras("train", "train", ["yaml"])
     import yaml
 
+    from ..engine import default_threads
     from ..loading import E5LoadError
     from .data import DataError
     from .trainer import train as run
@@ -111,6 +120,9 @@ def train(config, dtype, **flags):
         for k, v in flags.items():
             if v is not None:
                 setattr(cfg, k, v)
+        # a command owns its process, so it sets torch's thread count (the library never does unasked)
+        if cfg.threads is None:
+            cfg.threads = default_threads()
         check_device(cfg.device)
         result = run(cfg)
     except (DataError, ValueError, FileNotFoundError, IsADirectoryError, E5LoadError, yaml.YAMLError) as e:

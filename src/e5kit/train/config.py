@@ -91,8 +91,9 @@ class TrainConfig:
             raise ValueError(f"--precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError("--temperature and --lr must be positive")
-        if self.eval_every is not None and self.eval_every < 1:
-            raise ValueError("--eval-every must be at least 1")
+        for name in ("eval_every", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be at least 1")
 
 
 def flag(name: str) -> str:
