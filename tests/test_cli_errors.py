@@ -92,8 +92,6 @@ def test_user_mistakes_give_a_message_not_a_traceback(tiny_bert, scifact, tmp_pa
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(reason="known: raw exceptions from e5kit/service/cli.py (database URL), e5kit/scale/shards.py "
-                          "(manifest.json) and e5kit/stores (store URI); remove this mark once they are clear errors")
 def test_service_and_scale_mistakes_give_a_message_not_a_traceback(tmp_path):
     from e5kit.scale.shards import FORMAT, FORMAT_VERSION, MANIFEST
 

@@ -228,8 +228,11 @@ def read_manifest(vectors_dir: str) -> dict:
         raise CorpusInputError(f"{vectors_dir} holds no {MANIFEST}: not an e5kit embed-corpus output, or the run "
                                f"has not finished (rerun it to complete)")
     with fs.open(path, "r") as f:
-        m = json.load(f)
-    if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        try:
+            m = json.load(f)
+        except ValueError:
+            m = {}
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
         raise CorpusInputError(f"{path} is not an e5kit vectors manifest (format version {FORMAT_VERSION})")
     return m
 

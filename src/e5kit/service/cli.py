@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 import click
 
@@ -67,23 +68,34 @@ def app_from_options(models, server_config, keys, *, database_url, prices, key_r
                            key_limits=Limits(key_rps, key_tpm, key_monthly_quota),
                            account_limits=Limits(account_rps, account_tpm, account_monthly_quota),
                            session_hours=session_hours, cookie_secure=cookie_secure)
+    with database_errors(database_url):
+        return create_service_app(models, config, server_config, keys)
+
+
+@contextmanager
+def database_errors(database_url: str):
+    """A bad URL, an unreachable server or no permission as one CLI error, without the URL's password."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        return create_service_app(models, config, server_config, keys)
-    except SQLAlchemyError as e:  # a bad URL, an unreachable server, no permission
+        yield
+    except SQLAlchemyError as e:
         try:
             shown = make_url(database_url).render_as_string(hide_password=True)
         except SQLAlchemyError:
             shown = "(unparsable URL)"
-        raise click.ClickException(f"cannot open the account database {shown}: {type(e).__name__}")
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else ""
+        raise click.ClickException(f"cannot open the account database {shown}: {type(e).__name__}"
+                                   + (f" ({reason})" if reason else ""))
 
 
 def _db(database_url):
     from .db import open_db
 
-    return open_db(_url(database_url))[1]
+    url = _url(database_url)
+    with database_errors(url):
+        return open_db(url)[1]
 
 
 def _fail(e: Exception):

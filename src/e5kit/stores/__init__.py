@@ -38,6 +38,8 @@ def is_store_uri(target: str) -> bool:
 def split_uri(uri: str) -> tuple[str, str, str]:
     """(scheme, location without the table parameter, table)."""
     scheme = uri.split(":", 1)[0].lower()
+    if not is_store_uri(uri):
+        raise StoreError(f"{uri!r} is not a store URI: postgresql://user@host/db?table=T or lancedb:DIR?table=T")
     parts = urlsplit(uri)
     query = parse_qsl(parts.query)
     table = next((v for k, v in query if k == "table"), DEFAULT_TABLE)
