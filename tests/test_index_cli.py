@@ -195,6 +195,76 @@ def test_option_errors_come_before_embedding_and_name_the_flags(tmp_path, tiny_b
     assert r.exit_code != 0 and "--storage" in r.output and "Traceback" not in r.output
 
 
+def long_docs(n: int = 6) -> list[dict]:
+    """Documents of ~30 to ~1600 tokens of the tiny model."""
+    rng = np.random.default_rng(5)
+    return [{"doc_id": f"d{i}", "heading": f"title {i}", "body": ". ".join(" ".join(rng.choice(WORDS, 10))
+                                                                          for _ in range(3 + 40 * (i % 3))),
+             "source": f"s{i % 2}"} for i in range(n)]
+
+
+def test_long_mean_and_chunk_alias(tmp_path, tiny_bert):
+    docs = long_docs()
+    corpus = write_corpus(tmp_path / "c.jsonl", docs)
+    model = E5(str(tiny_bert))
+    common = ["-m", str(tiny_bert), "--chunk-overlap", "16", "--part-size", "4", *FIELDS]
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "mean"), "--long", "mean", *common)
+    assert r.exit_code == 0, r.output
+    assert "indexed 6 documents" in r.output and "truncated" not in r.output
+    idx = Index.load(tmp_path / "mean")
+    assert not idx.chunked and idx.ids == [d["doc_id"] for d in docs]  # one row per document
+    want = model.encode_passages([d["body"] for d in docs], long="mean", chunk_overlap=16,
+                                 titles=[d["heading"] for d in docs])
+    np.testing.assert_allclose(np.stack([idx.vector(d["doc_id"]) for d in docs]), want, atol=1e-6)
+    assert idx.metadata("d2") == {"source": "s0", "title": "title 2", "text": docs[2]["body"]}
+
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "chunk"), "--chunk", *common)
+    assert r.exit_code == 0, r.output
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "chunks"), "--long", "chunks", *common)
+    assert r.exit_code == 0 and "indexed 6 documents in" in r.output, r.output
+    assert_same_index(tmp_path / "chunk", tmp_path / "chunks")  # --chunk is --long chunks
+    assert Index.load(tmp_path / "chunks").chunked
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "x"), "--chunk", "--long", "mean", *common)
+    assert r.exit_code != 0 and "contradicts --long mean" in r.output
+
+    def stop(part: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an interrupted mean build is not resumed as another mode
+        build_index(Corpus(corpus, id_field="doc_id", title_field="heading", text_field="body"), tmp_path / "ix",
+                    model, part_size=4, long="mean", chunk_overlap=16, on_part=stop)
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "ix"), "--long", "chunks", *common)
+    assert r.exit_code != 0 and "interrupted build of different settings" in r.output
+
+
+def test_sinks_lancedb_and_index_copy(tmp_path, tiny_bert):
+    pytest.importorskip("lancedb")
+    from e5kit.stores import open_store
+
+    corpus = write_corpus(tmp_path / "c.jsonl", make_docs(40))
+    db = f"lancedb:{tmp_path / 'ldb'}?table=docs"
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "ix"), "-m", str(tiny_bert), *FIELDS,
+               "--sink", db, "--sink", f"index:{tmp_path / 'copy'}")
+    assert r.exit_code == 0, r.output
+    assert f"loaded 40 rows into {db}" in r.output
+    assert_same_index(tmp_path / "ix", tmp_path / "copy")
+    idx, store = Index.load(tmp_path / "ix"), open_store(db)
+    assert len(store) == 40 and store.info["model"] == idx.model_name
+    q = E5(str(tiny_bert)).encode_queries("cancer risk")
+    hits, want = store.search(q, k=5), idx.search(q, k=5)
+    assert [(h.id, h.metadata) for h in hits] == [(h.id, idx.metadata(h.id)) for h in want]
+    np.testing.assert_allclose([h.score for h in hits], [h.score for h in want], atol=1e-5)
+
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "ix2"), "-m", str(tiny_bert), *FIELDS,
+               "--sink", "mysql://db/x")
+    assert r.exit_code != 0 and "unknown sink 'mysql://db/x'" in r.output and not (tmp_path / "ix2").exists()
+    open_store(f"lancedb:{tmp_path / 'ldb'}?table=small", create=True, dim=8)
+    r = invoke("index", "build", str(corpus), "--out", str(tmp_path / "ix2"), "-m", str(tiny_bert), *FIELDS,
+               "--sink", f"lancedb:{tmp_path / 'ldb'}?table=small")
+    assert r.exit_code != 0 and "holds 8-d vectors" in r.output  # refused before anything is embedded
+    assert not (tmp_path / "ix2").exists()
+
+
 def test_old_chunk_size_flag_still_works(tmp_path, tiny_bert):
     corpus = write_corpus(tmp_path / "c.jsonl", make_docs(20))
     r = CliRunner().invoke(main, ["index", "build", str(corpus), "--out", str(tmp_path / "ix"), "-m", str(tiny_bert),

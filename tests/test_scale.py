@@ -1,5 +1,5 @@
 """e5kit embed-corpus on a local Ray cluster (2 CPUs, 2 actors): parity with the one-process
-encode_passages, every id exactly once, a killed actor, an interrupted driver, bad input."""
+encode_passages, every id exactly once, a killed actor, an interrupted driver, bad input, long documents."""
 
 from __future__ import annotations
 
@@ -80,11 +80,18 @@ def test_shard_plan_is_stable_and_covers_each_line_once(tmp_path):
     assert got == [r["_id"] for r in recs]
 
 
-def test_killed_worker_and_interrupted_driver_end_complete_and_equal_to_one_process(cluster, tiny_bert, tmp_path,
-                                                                                  monkeypatch):
-    recs = write_corpus(tmp_path / "c")
+def test_killed_worker_is_retried_within_one_run(cluster, tiny_bert, tmp_path, monkeypatch):
+    recs = write_corpus(tmp_path / "c", 60)
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv(FAULT_ENV, f"1:{marker}")  # the actor embedding shard 1 dies (os._exit) the first time
+    s = run(tmp_path / "c", tmp_path / "out", tiny_bert)
+    assert marker.exists()  # the actor failure did happen ...
+    assert s["shards_embedded"] == s["shards"] >= 4 and s["rows"] == len(recs)  # ... and this one run finished:
+    check_complete(tmp_path / "out", reference(tiny_bert, recs))  # Ray restarted the actor and retried the shard
+
+
+def test_interrupted_driver_rerun_ends_complete_and_equal_to_one_process(cluster, tiny_bert, tmp_path):
+    recs = write_corpus(tmp_path / "c")
     seen = []
 
     def stop_after_three(r):
@@ -98,13 +105,58 @@ def test_killed_worker_and_interrupted_driver_end_complete_and_equal_to_one_proc
     finished = len(list((tmp_path / "out" / "shards").glob("shard-*.parquet")))
     assert finished >= 3
     s = run(tmp_path / "c", tmp_path / "out", tiny_bert)
-    assert marker.exists()  # the actor failure did happen; Ray restarted the actor and retried the shard
     assert s["shards_embedded"] <= s["shards"] - finished  # finished shards were kept, not redone
     assert s["rows"] == len(recs) and s["shards"] > 4 and s["tokens"] > 0
     check_complete(tmp_path / "out", reference(tiny_bert, recs))  # every id once, vectors == encode_passages
     _, _, meta = read_out(tmp_path / "out")
     assert all(set(m) >= {"year", "text"} for m in meta)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["rows"] == len(recs)
+
+
+def long_corpus(folder: Path, n: int = 6) -> list[dict]:
+    """A few documents of ~500 to ~2000 tokens (jsonl)."""
+    rng = np.random.default_rng(7)
+    recs = [{"_id": f"L{i}", "title": f"title {i}" if i % 2 else "",
+             "text": ". ".join(" ".join(rng.choice(WORDS, 12)) for _ in range(20 + 12 * i))} for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def test_long_mean_and_chunks(cluster, tiny_bert, tmp_path):
+    from click.testing import CliRunner
+
+    from e5kit import Index, chunk
+    from e5kit.cli import main
+
+    recs = long_corpus(tmp_path / "c")
+    model = E5(tiny_bert)
+    texts, titles = [r["text"] for r in recs], [r["title"] or None for r in recs]
+    s = embed_corpus([str(tmp_path / "c")], str(tmp_path / "mean"), str(tiny_bert), shard_mb=0.01, workers=2,
+                     long="mean", chunk_overlap=16)
+    assert s["shards"] >= 2 and s["truncated"] == 0
+    ids, vec, _ = read_out(tmp_path / "mean")
+    want = model.encode_passages(texts, long="mean", chunk_overlap=16, titles=titles)  # one vector per document
+    assert ids == [r["_id"] for r in recs]
+    assert np.abs(vec - want).max() <= 1e-6, np.abs(vec - want).max()
+
+    with pytest.raises(CorpusInputError, match="other settings"):  # --long is part of the resumable job's state
+        embed_corpus([str(tmp_path / "c")], str(tmp_path / "mean"), str(tiny_bert), shard_mb=0.01, long="chunks")
+
+    r = CliRunner().invoke(main, ["embed-corpus", str(tmp_path / "c"), "--out", str(tmp_path / "chunks"), "-m",
+                                  str(tiny_bert), "--shard-mb", "0.01", "--workers", "2", "--long", "chunks",
+                                  "--chunk-overlap", "16", "--sink", f"index:{tmp_path / 'ix'}"])
+    assert r.exit_code == 0, r.output
+    expected = chunk(texts, model, overlap=16, titles=titles)
+    ids, vec, meta = read_out(tmp_path / "chunks")
+    assert ids == [f"{d['_id']}#{n}" for d, cs in zip(recs, expected) for n in range(len(cs))]
+    assert [(m["_doc"], tuple(m["_span"])) for m in meta] == [(d["_id"], c.span) for d, cs in zip(recs, expected)
+                                                             for c in cs]
+    np.testing.assert_allclose(vec, model.encode_passages([c.text for cs in expected for c in cs]), atol=1e-6)
+    idx = Index.load(tmp_path / "ix", model)  # loaded as an index of chunks: it ranks documents
+    assert idx.chunked and sorted(idx.documents()) == sorted(r["_id"] for r in recs)
+    hit = idx.search(recs[3]["text"][:200], k=1)[0]  # a document, its best chunk's span and text
+    assert hit.highlight == {d["_id"]: d["text"] for d in recs}[hit.id][hit.span[0]:hit.span[1]]
 
 
 def test_bad_input_errors_then_rerun_finishes(cluster, tiny_bert, tmp_path):
@@ -115,6 +167,11 @@ def test_bad_input_errors_then_rerun_finishes(cluster, tiny_bert, tmp_path):
     del bad["text"]
     (tmp_path / "c" / "a.jsonl").write_text("".join(lines[:5]) + json.dumps(bad) + "\n" + "".join(lines[6:]))
     with pytest.raises(CorpusInputError, match=r"a.jsonl at byte \d+: no string field 'text'"):
+        run(tmp_path / "c", tmp_path / "out", tiny_bert)
+    no_id = dict(json.loads(lines[5]))
+    del no_id["_id"]
+    (tmp_path / "c" / "a.jsonl").write_text("".join(lines[:5]) + json.dumps(no_id) + "\n" + "".join(lines[6:]))
+    with pytest.raises(CorpusInputError, match=r"a.jsonl at byte \d+: no id in field '_id' or 'id'"):
         run(tmp_path / "c", tmp_path / "out", tiny_bert)
 
     # fixed, but with an id that the parquet file also has

@@ -15,8 +15,6 @@ from e5kit.scale.shards import write_vectors  # noqa: E402
 from e5kit.stores import StoreError, load_vectors, open_store  # noqa: E402
 from e5kit.stores.lancedb import LanceDBStore  # noqa: E402
 
-N_QUERIES, N_DISTRACTORS, TEXT_CHARS = 30, 70, 400  # bounded test time; the full corpus is in bench_scale
-
 
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory):
@@ -30,19 +28,16 @@ def uri(pg: str, table: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def scifact_vectors(ml_e5, scifact, tmp_path_factory):
-    """A SciFact subset (test queries, their relevant docs, distractors; texts cut to TEXT_CHARS) embedded once,
-    written as parquet vectors."""
+def scifact_vectors(ml_e5, scifact_subset, tmp_path_factory):
+    """The shared SciFact subset (all test queries, their relevant documents, distractors; tests/conftest.py)
+    embedded once and written as parquet vectors."""
     from e5kit.evaluate.data import load_beir
     from e5kit.prompts import beir_document
 
-    data = load_beir(scifact, "test")
-    qids = sorted(data.qrels)[:N_QUERIES]
-    rel = sorted({d for q in qids for d in data.qrels[q]})
-    rest = [d for d in sorted(data.corpus) if d not in set(rel)]
-    ids = rel + [rest[i] for i in np.random.default_rng(0).choice(len(rest), N_DISTRACTORS, replace=False)]
+    data = load_beir(scifact_subset, "test")
+    ids, qids = sorted(data.corpus), sorted(data.qrels)
     model = E5(ml_e5)  # the same vectors go into every store: what is compared is the search
-    vec = model.encode_passages([beir_document(data.corpus[d][0], data.corpus[d][1][:TEXT_CHARS]) for d in ids])
+    vec = model.encode_passages([beir_document(*data.corpus[d]) for d in ids])
     out = tmp_path_factory.mktemp("vectors")
     write_vectors(str(out), str(ml_e5), ids, vec, [{"title": data.corpus[d][0]} for d in ids])
     exact = Index(model)
@@ -64,7 +59,8 @@ def recall10(hits, ref) -> float:
 
 def test_scifact_from_pgvector_and_lancedb_equals_exact_index(pg, scifact_vectors, tmp_path):
     model, vectors, exact, qids, queries, qrels = scifact_vectors
-    ref = exact.search(queries, k=10)
+    qv = model.encode_queries(queries)
+    ref = exact.search(qv, k=10)
     base = ndcg10(qids, ref, qrels)
     assert base > 0.5  # the real model retrieves (SciFact nDCG@10 ~0.67 for multilingual-e5-small)
     stores = {"pgvector": open_store(uri(pg, "scifact"), create=True, dim=model.dim),
@@ -74,16 +70,48 @@ def test_scifact_from_pgvector_and_lancedb_equals_exact_index(pg, scifact_vector
         assert r["rows"] == len(exact) == len(store)
         if name == "lancedb":
             store.create_index(min_rows=0)  # the ANN index even on this small subset
-        store.with_model(model)
-        hits = store.search(queries, k=10)  # HNSW (pgvector ef_search=100; LanceDB IVF_HNSW_SQ, refine x4)
+        # the searches below go through the ANN index (so what is checked is ANN recall), exact=True does not
+        ann = "ANNSubIndex" if name == "lancedb" else "Index Scan using scifact_vector_hnsw"
+        assert ann in store.explain(qv[0]) and ann not in store.explain(qv[0], exact=True), name
+        hits = store.search(qv, k=10)  # HNSW (pgvector ef_search=100; LanceDB IVF_HNSW_SQ, refine x4)
         assert recall10(hits, ref) >= 0.99, name
         assert round(ndcg10(qids, hits, qrels), 3) == round(base, 3), name
-        flat = store.search(queries, k=10, exact=True)
+        flat = store.search(qv, k=10, exact=True)
         assert [[h.id for h in a] for a in flat] == [[h.id for h in b] for b in ref], name
         assert max(abs(a.score - b.score) for x, y in zip(flat, ref) for a, b in zip(x, y)) < 1e-5
         assert hits[0][0].metadata["title"]
+        text = store.with_model(model).search(queries[:5], k=10)  # text queries: formatted as encode_queries does
+        assert [[h.id for h in a] for a in text] == [[h.id for h in b] for b in hits[:5]], name
         load_vectors(vectors, store)  # loading again is an idempotent upsert
         assert len(store) == len(exact)
+
+
+def test_index_build_sinks_chunks_into_pgvector(pg, tiny_bert, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from e5kit.cli import main
+
+    rng = np.random.default_rng(3)
+    words = "the cell study gene cancer risk patients protein women day marathon mountain".split()
+    docs = [{"_id": f"d{i}", "title": f"title {i}", "text": " ".join(rng.choice(words, 20 + 700 * (i % 3)))}
+            for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    table = uri(pg, "chunks")
+    r = CliRunner().invoke(main, ["index", "build", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "ix"), "-m",
+                                  str(tiny_bert), "--long", "chunks", "--sink", table])
+    assert r.exit_code == 0, r.output
+    idx = Index.load(tmp_path / "ix")
+    assert idx.chunked and len(idx) > len(docs) and f"loaded {len(idx)} rows into {table}" in r.output
+    store = open_store(table)
+    assert len(store) == len(idx) and store.dim == idx.dim and store.info["model"] == idx.model_name
+    for row in ("d1#0", "d1#1", "d2#2"):  # each chunk row with its vector and its document id and span
+        (h,) = store.search(idx.vector(row)[None, :], k=1, exact=True)
+        assert h[0].id == row and abs(h[0].score - 1) < 1e-5 and h[0].metadata == idx.metadata(row)
+    (index,) = store.conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'chunks' AND indexdef "
+                                  "LIKE '%hnsw%'").fetchone()
+    assert "vector_ip_ops" in index  # the ANN index was built
 
 
 def test_pgvector_upserts_are_idempotent_and_bad_input_is_refused(pg):

@@ -193,8 +193,6 @@ def encode_long(
 ) -> ChunkedEmbeddings | np.ndarray:
     """Embed passages of any length: ``long="chunks"`` gives every chunk's vector with its span,
     ``long="mean"`` one vector per text, the normalised mean of its chunk vectors."""
-    from .pipeline import finish
-
     if long not in ("chunks", "mean"):
         raise ValueError(f"long must be one of {LONG_MODES}, not {long!r}")
     single = isinstance(texts, str)
@@ -203,14 +201,27 @@ def encode_long(
     prepared = model.prepare([c.text for c in flat], "passage", truncate=False)  # chunks always fit
     pooled = model.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                          progress=show_progress_bar)
-    doc = np.array([c.doc for c in flat], dtype=np.int64)
+    out = finish_chunks(pooled, flat, len(per_text), long, normalize=normalize_embeddings, precision=precision)
     if long == "chunks":
-        vectors = finish(pooled, normalize=normalize_embeddings, precision=precision)
-        spans = np.array([c.span for c in flat], dtype=np.int64).reshape(-1, 2)
-        return ChunkedEmbeddings(vectors, doc, spans, flat)
-    out = finish(mean_of_chunks(finish(pooled), doc, len(per_text)), normalize=normalize_embeddings,
-                 precision=precision)
+        return out
     return out[0] if single else out
+
+
+def finish_chunks(pooled, chunks: Sequence[Chunk], n_texts: int, long: LongMode, **finish_options
+                  ) -> ChunkedEmbeddings | np.ndarray:
+    """Pooled vectors of ``chunks`` (of ``n_texts`` texts, in order) -> what ``long`` gives:
+    :class:`ChunkedEmbeddings` ("chunks"), or one vector per text ("mean": the mean of its chunks'
+    unit vectors). ``finish_options`` go to :func:`e5kit.pipeline.finish` (normalize, dimensions, precision, ...)."""
+    from .pipeline import finish
+
+    if long not in ("chunks", "mean"):
+        raise ValueError(f"long must be 'chunks' or 'mean' here, not {long!r}")
+    chunks = list(chunks)
+    doc = np.array([c.doc for c in chunks], dtype=np.int64)
+    if long == "mean":
+        return finish(mean_of_chunks(finish(pooled), doc, n_texts), **finish_options)
+    spans = np.array([c.span for c in chunks], dtype=np.int64).reshape(-1, 2)
+    return ChunkedEmbeddings(finish(pooled, **finish_options), doc, spans, chunks)
 
 
 def mean_of_chunks(unit_vectors: np.ndarray, doc: np.ndarray, n_docs: int) -> np.ndarray:
@@ -220,4 +231,4 @@ def mean_of_chunks(unit_vectors: np.ndarray, doc: np.ndarray, n_docs: int) -> np
     return sums / np.maximum(np.bincount(doc, minlength=n_docs), 1)[:, None]
 
 
-__all__ = ["chunk", "Chunk", "ChunkedEmbeddings", "encode_long", "mean_of_chunks", "LONG_MODES"]
+__all__ = ["chunk", "Chunk", "ChunkedEmbeddings", "encode_long", "finish_chunks", "mean_of_chunks", "LONG_MODES"]

@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Sequence
 
 from ..prompts import beir_document
 from .core import Index, check_options, chunk_rows
@@ -24,7 +24,10 @@ from .faiss_backends import TooFewVectorsError, ivfpq_shape
 from .storage import MANIFEST, atomic_write, fingerprint, model_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
     from ..api import E5
+    from ..chunking import LongMode
 
 FORMATS = ("jsonl", "csv", "parquet")
 STAGING = ".build"
@@ -101,10 +104,11 @@ def read_document(where: str, rec: dict, *, id_field: str | None = None, title_f
     """One corpus record -> a :class:`Document`: the id (``id_field``, else ``_id`` or ``id``), the text,
     an optional title, the chosen metadata (plus title/text when ``store_text``). ``where`` names the
     record in the ``error`` raised for a missing id or text. Shared by ``index build`` and ``embed-corpus``."""
-    id_field = id_field or ("_id" if "_id" in rec else "id")
-    doc_id = rec.get(id_field)
+    field = id_field or ("_id" if "_id" in rec else "id")
+    doc_id = rec.get(field)
     if doc_id is None or str(doc_id).strip() == "":
-        raise error(f"{where}: no id in field {id_field!r} (choose the field with --id-field)")
+        what = f"field {field!r}" if id_field or field == "_id" else "field '_id' or 'id'"
+        raise error(f"{where}: no id in {what} (choose the field with --id-field)")
     text = rec.get(text_field)
     if not isinstance(text, str):
         raise error(f"{where}: no string field {text_field!r} (choose it with --text-field)")
@@ -193,17 +197,23 @@ def build_index(
     index_options: dict | None = None,
     progress: bool | None = None,
     force: bool = False,
-    chunk_overlap: int | None = None,
+    long: "LongMode" = "truncate",
+    chunk_overlap: int = 64,
     on_part: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> Index:
     """Embed ``corpus`` into an index at ``out``, resuming an interrupted build of the same corpus.
 
     ``part_size`` documents are embedded and staged at a time (the unit of resuming);
-    ``on_part(n)`` is called after part ``n`` is staged. ``chunk_overlap``: index every document
-    whole as chunks (:func:`e5kit.chunk`, title on each chunk, this many tokens of overlap) in a
-    chunked index, instead of truncating documents longer than the model reads.
+    ``on_part(n)`` is called after part ``n`` is staged. ``long``: "truncate" documents longer than
+    the model reads, index them whole as "chunks" (a chunked index: :func:`e5kit.chunk`, title on
+    each chunk, ``chunk_overlap`` tokens of overlap), or as the "mean" of their chunks (one
+    vector per document; see :func:`embed_documents`).
     """
+    from ..chunking import LONG_MODES
+
+    if long not in LONG_MODES:
+        raise ValueError(f"long must be one of {LONG_MODES}, not {long!r}")
     out = Path(out)
     staging = out / STAGING
     index_options = dict(index_options or {})
@@ -212,13 +222,14 @@ def build_index(
         "fields": [corpus.fmt, corpus.id_field, corpus.title_field, corpus.text_field,
                    list(corpus.metadata_fields), corpus.store_text],
         "model": model.name, "model_fingerprint": model_fingerprint(model), "prompt_style": model.prompt_style,
-        "part_size": part_size, "index_options": index_options, "chunk_overlap": chunk_overlap,
+        "part_size": part_size, "index_options": index_options, "long": long,
+        "chunk_overlap": chunk_overlap if long != "truncate" else None,
     }
     if (out / MANIFEST).exists() and not staging.exists() and not force:
         raise CorpusError(f"{out} already holds a finished index; pass --force to rebuild it")
     n_docs = corpus.scan()  # a bad corpus fails here, before anything is written
     # impossible index settings fail here too (a chunked index's vector count is known only once chunked)
-    check_index_options(index_options, n_docs if chunk_overlap is None else None, model.dim)
+    check_index_options(index_options, n_docs if long != "chunks" else None, model.dim)
     if staging.exists():
         try:
             old = json.loads((staging / "state.json").read_text(encoding="utf-8"))
@@ -258,15 +269,13 @@ def build_index(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_docs, initial=docs_done, unit="doc", desc="indexing", dynamic_ncols=True)
-    from ..pipeline import finish
+    tokens, t0, truncated, shown = 0, time.perf_counter(), 0, float(docs_done)
 
-    tokens, t0, truncated, docs_per_input, shown = 0, time.perf_counter(), 0, 1.0, float(docs_done)
-
-    def on_batch(n: int, ntok: int) -> None:
+    def on_batch(docs: float, ntok: int) -> None:
         nonlocal tokens, shown
         tokens += ntok
-        if bar is not None:  # inputs are chunks with --chunk: advance by the documents they make up
-            shown += n * docs_per_input
+        if bar is not None:
+            shown += docs
             bar.update(int(round(shown)) - bar.n)
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
@@ -274,17 +283,10 @@ def build_index(
         for c, part in enumerate(_parts(corpus, part_size)):
             if c in done:
                 continue
-            if chunk_overlap is None:
-                ids, meta = [d.id for d in part], [d.metadata for d in part]
-                prepared = model.prepare([d.embed_text for d in part], "passage", truncate=True)
-                truncated += len(prepared.truncated)
-            else:
-                ids, meta, texts = _chunk_part(part, model, chunk_overlap)
-                prepared = model.prepare(texts, "passage", truncate=False)  # chunks always fit
-            docs_per_input = len(part) / len(prepared)
-            vec = finish(model.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                     on_batch=on_batch))
-            _write_part(staging / f"part-{c:06d}.npz", ids, meta, vec)
+            rows = embed_documents(model, part, long, chunk_overlap, batch_size=batch_size,
+                                   max_batch_tokens=max_batch_tokens, on_batch=on_batch)
+            truncated += rows.truncated
+            _write_part(staging / f"part-{c:06d}.npz", rows.ids, rows.metadata, rows.vectors)
             if on_part is not None:
                 on_part(c)
     finally:
@@ -292,9 +294,9 @@ def build_index(
             bar.close()
     if truncated:
         log(f"warning: {truncated} document(s) longer than {model.max_tokens} tokens were truncated "
-            f"(--chunk indexes them whole)")
+            f"(--long chunks or mean embeds them whole)")
 
-    index = Index(model, chunked=chunk_overlap is not None, **index_options)
+    index = Index(model, chunked=long == "chunks", **index_options)
     for c in range(n_parts):
         vec, ids, meta = _read_part(staging / f"part-{c:06d}.npz")
         index.add(ids, embeddings=vec, metadata=meta)
@@ -306,18 +308,54 @@ def build_index(
     return index
 
 
-def _chunk_part(part: list[Document], model: "E5", overlap: int) -> tuple[list[str], list[dict], list[str]]:
-    """Row ids, row metadata and chunk texts of a part's documents, split into chunks."""
-    from ..chunking import chunk
+class EmbeddedRows(NamedTuple):
+    ids: list[str]
+    metadata: list[dict | None]
+    vectors: "np.ndarray"  # (len(ids), dim) float32, unit length
+    n_tokens: int  # tokens embedded (prefix and special tokens included)
+    truncated: int  # documents cut at the model's limit (long="truncate" only)
 
-    per_doc = chunk([d.text for d in part], model, overlap=overlap, titles=[d.title for d in part])
-    ids, meta, texts = [], [], []
-    for d, chunks in zip(part, per_doc):
-        r_ids, r_meta = chunk_rows(d.id, d.text, chunks, d.metadata)
-        ids += r_ids
-        meta += r_meta
-        texts += [c.text for c in chunks]
-    return ids, meta, texts
+
+def embed_documents(model: "E5", docs: Sequence[Document], long: "LongMode" = "truncate", overlap: int = 64, *,
+                    batch_size: int = 32, max_batch_tokens: int = 16384,
+                    on_batch: Callable[[float, int], None] | None = None) -> EmbeddedRows:
+    """The rows of ``docs`` for an index or a store, through the one pipeline.
+
+    ``long="truncate"``: one row per document, ``title text`` cut at the model's limit, as
+    ``encode_passages``. ``"mean"``: one row per document, the normalised mean of its chunks
+    (:func:`e5kit.chunk`, title repeated on every chunk, ``overlap`` tokens), as
+    ``encode_passages(texts, long="mean", titles=titles)``. ``"chunks"``: one row per chunk, id
+    ``doc#n``, with the document id and the chunk's span in its metadata (:func:`chunk_rows`).
+    ``on_batch(documents, tokens)`` after every forward pass (documents as a fraction when chunked)."""
+    from ..chunking import LONG_MODES, chunk, finish_chunks
+    from ..pipeline import finish
+
+    if long not in LONG_MODES:
+        raise ValueError(f"long must be one of {LONG_MODES}, not {long!r}")
+    docs = list(docs)
+    ids, meta = [d.id for d in docs], [d.metadata for d in docs]
+    if long == "truncate":
+        flat = None
+        prepared = model.prepare([d.embed_text for d in docs], "passage", truncate=True)
+    else:
+        per_doc = chunk([d.text for d in docs], model, overlap=overlap, titles=[d.title for d in docs])
+        flat = [c for cs in per_doc for c in cs]
+        if long == "chunks":
+            ids, meta = [], []
+            for d, chunks in zip(docs, per_doc):
+                r_ids, r_meta = chunk_rows(d.id, d.text, chunks, d.metadata)
+                ids += r_ids
+                meta += r_meta
+        prepared = model.prepare([c.text for c in flat], "passage", truncate=False)  # chunks always fit
+    share = len(docs) / max(len(prepared), 1)
+    progress = None if on_batch is None else (lambda n, ntok: on_batch(n * share, ntok))
+    pooled = model.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens, on_batch=progress)
+    if flat is None:
+        vectors = finish(pooled)
+    else:
+        out = finish_chunks(pooled, flat, len(docs), long)
+        vectors = out.vectors if long == "chunks" else out
+    return EmbeddedRows(ids, meta, vectors, prepared.n_tokens, len(prepared.truncated))
 
 
 def check_index_options(options: dict, n_vectors: int | None, dim: int) -> None:
@@ -329,4 +367,5 @@ def check_index_options(options: dict, n_vectors: int | None, dim: int) -> None:
         ivfpq_shape(n_vectors, dim, params)
 
 
-__all__ = ["Corpus", "CorpusError", "build_index", "check_index_options", "TooFewVectorsError"]
+__all__ = ["Corpus", "CorpusError", "Document", "EmbeddedRows", "build_index", "embed_documents", "check_index_options",
+           "TooFewVectorsError"]

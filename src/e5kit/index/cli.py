@@ -43,48 +43,70 @@ def _deprecated_chunk_size(ctx, param, value):
               help="Documents embedded and staged at a time (the unit of resuming).")
 @click.option("--chunk-size", "old_part_size", type=int, default=None, hidden=True, callback=_deprecated_chunk_size,
               help="Deprecated name of --part-size.")
-@click.option("--chunk", is_flag=True, help="Index long documents whole, as chunks that fit the model (search "
-              "ranks documents by their best chunk) instead of truncating them.")
-@click.option("--chunk-overlap", type=int, default=64, show_default=True, help="With --chunk: tokens shared by "
-              "neighbouring chunks.")
+@click.option("--long", "long_mode", type=click.Choice(["truncate", "chunks", "mean"]), default=None,
+              help="Documents over the model's limit: truncate them [default], index them whole as chunks (search "
+              "ranks documents by their best chunk), or store the mean of their chunks (one vector per document).")
+@click.option("--chunk", is_flag=True, help="Same as --long chunks.")
+@click.option("--chunk-overlap", type=int, default=64, show_default=True, help="With --long chunks/mean: tokens shared "
+              "by neighbouring chunks.")
+@click.option("--sink", "sinks", multiple=True, help="After the build, also load the vectors into this store "
+              "(repeatable): postgresql://...?table=T, lancedb:DIR?table=T, or index:DIR (a copy of the index).")
 @click.option("--batch-size", default=32, show_default=True, help="Texts per forward pass (at most).")
 @click.option("--force", is_flag=True, help="Rebuild from scratch, discarding an existing or interrupted build.")
 @model_options
 def build(corpus, out, fmt, id_field, title_field, text_field, metadata_fields, no_store_text, kind,
-          storage, part_size, old_part_size, chunk, chunk_overlap, batch_size, force, model, device, dtype, backend,
-          threads):
+          storage, part_size, old_part_size, long_mode, chunk, chunk_overlap, sinks, batch_size, force, model, device,
+          dtype, backend, threads):
     """Embed CORPUS (jsonl, csv or parquet) into an index at --out. Rerun to resume after an interruption.
 
     \b
     e5kit index build corpus.jsonl --out my-index -m intfloat/e5-small-v2
     e5kit index build docs.parquet --out my-index --id-field doc_id --text-field body --index-type hnsw
-    e5kit index build papers.jsonl --out papers-index --chunk
+    e5kit index build papers.jsonl --out papers-index --long chunks
+    e5kit index build corpus.jsonl --out my-index --sink 'postgresql://localhost/db?table=docs' --sink lancedb:./ldb
     """
+    from ..stores import StoreError, check_sink, load_rows, open_store
+
     if old_part_size is not None:
         part_size = old_part_size
     if part_size < 1:
         raise click.BadParameter("must be at least 1", param_hint="--part-size")
     if chunk_overlap < 0:
         raise click.BadParameter("must be at least 0", param_hint="--chunk-overlap")
+    if chunk and long_mode not in (None, "chunks"):
+        raise click.UsageError(f"--chunk means --long chunks; it contradicts --long {long_mode}")
+    long_mode = "chunks" if chunk else long_mode or "truncate"
     options = {"kind": kind, "storage": storage}
     try:
         check_index_options(options, None, 8)  # kind x storage, before loading anything
     except ValueError as e:
         raise click.UsageError(str(e).replace("kind", "--index-type").replace("storage=", "--storage "))
     try:
+        for uri in sinks:
+            check_sink(uri)
         c = Corpus(corpus, fmt, id_field, title_field or None, text_field, metadata_fields, not no_store_text)
         m = load_model(model, device, dtype, backend, threads)
+        # stores are opened (reachable, of the model's dimension) before hours of embedding, not after
+        stores = {uri: open_store(uri, m, create=True) for uri in sinks if not uri.startswith("index:")}
         idx = build_index(c, out, m, part_size=part_size, batch_size=batch_size, index_options=options,
-                          force=force, chunk_overlap=chunk_overlap if chunk else None,
+                          force=force, long=long_mode, chunk_overlap=chunk_overlap,
                           log=lambda msg: click.echo(msg, err=True))
+        what = f"{len(idx.documents())} documents in {len(idx)} chunks" if idx.chunked else f"{len(idx)} documents"
+        click.echo(f"indexed {what} ({idx.dim}-d, {kind}, {storage}) into {out}", err=True)
+        for uri in sinks:
+            if uri.startswith("index:"):
+                idx.save(uri.removeprefix("index:"))
+                click.echo(f"saved a copy of the index into {uri}", err=True)
+            else:
+                r = load_rows(stores[uri], idx.rows(), total=len(idx))
+                click.echo(f"loaded {r['rows']} rows into {uri} ({r['rows_per_s']:,.0f} rows/s, index "
+                           f"{r['index_seconds']:.1f} s)", err=True)
     except TooFewVectorsError as e:
         raise click.ClickException(f"--index-type ivfpq needs at least {e.needed} vectors to train its quantisers; "
                                    f"the corpus gives {e.have}. Use --index-type exact or hnsw for a corpus this "
                                    f"small")
-    except (CorpusError, IndexFileError, ValueError) as e:
+    except (CorpusError, IndexFileError, StoreError, ValueError) as e:
         raise click.ClickException(str(e))
-    what = f"{len(idx.documents())} documents in {len(idx)} chunks" if chunk else f"{len(idx)} documents"
-    click.echo(f"indexed {what} ({idx.dim}-d, {kind}, {storage}) into {out}", err=True)
 
 
 @click.command("search")

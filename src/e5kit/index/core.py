@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -179,6 +179,14 @@ class Index:
 
     def vector(self, id: str) -> np.ndarray:
         return np.array(self._all_vectors()[self._row[id]])
+
+    def rows(self, batch_rows: int = 8192) -> Iterator[tuple[list[str], np.ndarray, list[dict | None]]]:
+        """Live rows in insertion order, ``batch_rows`` at a time: (ids, float32 vectors, metadata)."""
+        vectors = self._all_vectors()
+        live = np.flatnonzero(~self._deleted)
+        for a in range(0, len(live), batch_rows):
+            r = live[a:a + batch_rows]
+            yield [self._ids[i] for i in r], np.asarray(vectors[r], dtype=np.float32), [self._meta[i] for i in r]
 
     def __repr__(self) -> str:
         return (f"Index({len(self)} vectors, dim={self.dim}, kind={self.kind!r}, storage={self.storage!r}, "

@@ -14,16 +14,17 @@ def load_into(vectors_dir: str, uri: str, *, batch_rows: int = 8192, device=None
               threads=None) -> dict:
     """Load a finished embed-corpus output into the store at ``uri`` (``index:DIR`` writes an e5kit Index)."""
     from ..scale.shards import iter_vectors, read_manifest
-    from ..stores import load_vectors
+    from ..stores import check_sink, load_vectors
 
+    check_sink(uri)
     m = read_manifest(vectors_dir)
     if uri.startswith("index:"):
         import time
 
         from ..index import Index
 
-        t0 = time.perf_counter()
-        idx = Index(load_model(m["model"], device, dtype, backend, threads))
+        t0 = time.perf_counter()  # rows of chunks (--long chunks) make an index of chunks, which ranks documents
+        idx = Index(load_model(m["model"], device, dtype, backend, threads), chunked=m.get("long") == "chunks")
         for ids, vec, meta in iter_vectors(vectors_dir, batch_rows):
             idx.add(ids, embeddings=vec, metadata=meta)
         idx.save(uri.removeprefix("index:"))
@@ -52,13 +53,18 @@ def load_into(vectors_dir: str, uri: str, *, batch_rows: int = 8192, device=None
 @click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor (1 = one GPU each).")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster).")
+@click.option("--long", "long_mode", type=click.Choice(["truncate", "chunks", "mean"]), default="truncate",
+              show_default=True, help="Passages over the model's limit: truncate them, embed the mean of their chunks "
+              "(one row per document), or one row per chunk (id <id>#<n>, document id and span in the metadata).")
+@click.option("--chunk-overlap", type=int, default=64, show_default=True, help="With --long chunks/mean: tokens shared "
+              "by neighbouring chunks.")
 @click.option("--sink", "sinks", multiple=True, help="After embedding, load into this store (repeatable): "
               "postgresql://...?table=T, lancedb:DIR?table=T, or index:DIR.")
 @click.option("--force", is_flag=True, help="Discard the vectors of an earlier run with other settings.")
 @model_options
 def embed_corpus(inputs, out, fmt, id_field, title_field, text_field, metadata_fields, no_store_text, shard_mb,
-                 shard_rows, workers, cpus_per_worker, gpus_per_worker, batch_size, address, sinks, force,
-                 model, device, dtype, backend, threads):
+                 shard_rows, workers, cpus_per_worker, gpus_per_worker, batch_size, address, long_mode, chunk_overlap,
+                 sinks, force, model, device, dtype, backend, threads):
     """Embed the passages of INPUTS (jsonl/parquet files, globs, folders or fsspec URLs) on Ray into --out.
 
     Rerun the same command to resume after a crash: finished shards are kept.
@@ -72,22 +78,25 @@ def embed_corpus(inputs, out, fmt, id_field, title_field, text_field, metadata_f
         import ray  # noqa: F401
     except ImportError as e:
         raise click.ClickException(f"embed-corpus runs on Ray: pip install 'e5kit[ray]' ({e})")
-    from ..stores import StoreError
+    from ..stores import StoreError, check_sink
     from .ray_job import embed_corpus as run
     from .shards import CorpusInputError, Fields
 
     if gpus_per_worker and device is None:
         device = "cuda"
     try:
+        for uri in sinks:
+            check_sink(uri)
         s = run(list(inputs), out, model, fields=Fields(id_field, title_field or None, text_field,
                                                        tuple(metadata_fields), not no_store_text),
                 fmt=fmt, shard_mb=shard_mb, shard_rows=shard_rows, workers=workers, cpus_per_worker=cpus_per_worker,
                 gpus_per_worker=gpus_per_worker, threads=threads, device=device, dtype=dtype, backend=backend,
-                batch_size=batch_size, address=address or os.environ.get("RAY_ADDRESS"), force=force,
+                batch_size=batch_size, address=address or os.environ.get("RAY_ADDRESS"), long=long_mode,
+                chunk_overlap=chunk_overlap, force=force,
                 log=lambda m: click.echo(m, err=True))
-        click.echo(f"embedded {s['rows_embedded']} rows in {s['shards_embedded']} shards ({s['tokens']:,} tokens, "
-                   f"{s['tokens_per_s']:,.0f} tok/s, {s['seconds']:.1f} s, {s['workers']} workers); {out} holds "
-                   f"{s['rows']} rows in {s['shards']} shards, {s['dim']}-d"
+        click.echo(f"embedded {s['docs_embedded']} documents as {s['rows_embedded']} rows in {s['shards_embedded']} "
+                   f"shards ({s['tokens']:,} tokens, {s['tokens_per_s']:,.0f} tok/s, {s['seconds']:.1f} s, "
+                   f"{s['workers']} workers); {out} holds {s['rows']} rows in {s['shards']} shards, {s['dim']}-d"
                    + (f"; {s['truncated']} passages truncated" if s["truncated"] else ""), err=True)
         for uri in sinks:
             r = load_into(out, uri, device=device, dtype=dtype, backend=backend, threads=threads)

@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -25,49 +25,42 @@ import numpy as np
 from .shards import (MANIFEST, SHARD_DIR, CorpusInputError, Fields, ShardSpec, document, plan_shards, read_records,
                      shard_source, vectors_table, write_manifest, write_shard)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..api import E5
-
 # A test hook: "N:MARKER" makes the actor that picks up shard N exit hard once (while MARKER is absent).
 FAULT_ENV = "E5KIT_FAULT_EXIT_SHARD"
 JOB_FILE = "job.json"
-
-
-def embed_passages(model: "E5", texts: list[str], batch_size: int = 32,
-                   max_batch_tokens: int = 16384) -> tuple[np.ndarray, int, int]:
-    """(vectors exactly as ``model.encode_passages(texts)`` gives them, tokens embedded, texts truncated)."""
-    from ..pipeline import finish
-
-    prepared = model.prepare(texts, "passage")
-    vec = finish(model.embed(prepared, batch_size=batch_size, max_batch_tokens=max_batch_tokens))
-    return vec, prepared.n_tokens, len(prepared.truncated)
 
 
 class ShardEmbedder:
     """A Ray Data actor: one model; each call embeds whole shards and writes their parquet files."""
 
     def __init__(self, out: str, job: str, model: str, fields: dict, device: str | None, dtype: str | None,
-                 backend: str, threads: int | None, batch_size: int, max_batch_tokens: int, fault: str | None = None):
+                 backend: str, threads: int | None, batch_size: int, max_batch_tokens: int, long: str = "truncate",
+                 chunk_overlap: int = 64, fault: str | None = None):
         from ..api import E5
 
         self.model = E5(model, device=device, dtype=dtype, backend=backend, threads=threads)
         self.out, self.job, self.fields = out, job, Fields(**{**fields, "metadata_fields": tuple(fields["metadata_fields"])})
         self.batch_size, self.max_batch_tokens, self.fault = batch_size, max_batch_tokens, fault
+        self.long, self.chunk_overlap = long, chunk_overlap
 
     def __call__(self, batch: dict) -> dict:
-        res: dict[str, list] = {"shard": [], "rows": [], "tokens": [], "truncated": [], "seconds": []}
+        from ..index.build import embed_documents
+
+        res: dict[str, list] = {"shard": [], "docs": [], "rows": [], "tokens": [], "truncated": [], "seconds": []}
         for spec_json in batch["spec"]:
             t0 = time.perf_counter()
             spec = ShardSpec(**json.loads(spec_json))
             docs = [document(where, rec, self.fields) for where, rec in read_records(spec)]
             self._maybe_fail(spec.shard)
-            ids = [d[0] for d in docs]
             if docs:
-                vec, ntok, ntr = embed_passages(self.model, [d[1] for d in docs], self.batch_size, self.max_batch_tokens)
+                r = embed_documents(self.model, docs, self.long, self.chunk_overlap, batch_size=self.batch_size,
+                                    max_batch_tokens=self.max_batch_tokens)
+                ids, vec, meta, ntok, ntr = r.ids, r.vectors, r.metadata, r.n_tokens, r.truncated
             else:
-                vec, ntok, ntr = np.zeros((0, self.model.dim), np.float32), 0, 0
-            write_shard(self.out, spec, self.job, vectors_table(ids, vec, [d[2] for d in docs]))
-            for k, v in zip(res, (spec.shard, len(ids), ntok, ntr, time.perf_counter() - t0)):
+                ids, vec, meta, ntok, ntr = [], np.zeros((0, self.model.dim), np.float32), [], 0, 0
+            table = vectors_table(ids, vec, [json.dumps(m or {}, ensure_ascii=False, default=str) for m in meta])
+            write_shard(self.out, spec, self.job, table)
+            for k, v in zip(res, (spec.shard, len(docs), len(ids), ntok, ntr, time.perf_counter() - t0)):
                 res[k].append(v)
         return res
 
@@ -85,9 +78,10 @@ def _model_ref(model: str) -> str:
 
 
 def _job_state(model: str, fields: Fields, fmt: str | None, shard_mb: float, shard_rows: int,
-               dtype: str | None, backend: str) -> dict:
+               dtype: str | None, backend: str, long: str, chunk_overlap: int) -> dict:
     return {"model": model, "fields": asdict(fields) | {"metadata_fields": list(fields.metadata_fields)},
-            "format": fmt or "auto", "shard_mb": shard_mb, "shard_rows": shard_rows, "dtype": dtype, "backend": backend}
+            "format": fmt or "auto", "shard_mb": shard_mb, "shard_rows": shard_rows, "dtype": dtype, "backend": backend,
+            "long": long, "chunk_overlap": chunk_overlap if long != "truncate" else None}
 
 
 def _write_json(fs, path: str, obj: dict) -> None:
@@ -155,17 +149,28 @@ def embed_corpus(
     batch_size: int = 32,
     max_batch_tokens: int = 16384,
     address: str | None = None,
+    long: str = "truncate",
+    chunk_overlap: int = 64,
     force: bool = False,
     log: Callable[[str], None] = lambda m: None,
     on_shard: Callable[[dict], None] | None = None,
 ) -> dict:
     """Embed the passages of ``inputs`` into parquet shards under ``out``; returns the run's summary.
 
+    ``long``: passages over the model's limit are truncated, or embedded whole as the "mean" of
+    their chunks (one row per document), or as "chunks" (rows ``<id>#<n>`` whose metadata holds the
+    document id and the chunk's span), as :func:`e5kit.index.build.embed_documents` does.
     Rerunning with the same inputs and settings resumes: finished shards are kept, the rest redone.
     """
+    from ..chunking import LONG_MODES
+
+    if long not in LONG_MODES:
+        raise CorpusInputError(f"long must be one of {LONG_MODES}, not {long!r}")
+    if chunk_overlap < 0:
+        raise CorpusInputError(f"chunk_overlap must be >= 0, not {chunk_overlap}")
     model = _model_ref(model)
     specs = plan_shards(inputs, fmt, shard_mb, shard_rows)
-    state = _job_state(model, fields, fmt, shard_mb, shard_rows, dtype, backend)
+    state = _job_state(model, fields, fmt, shard_mb, shard_rows, dtype, backend, long, chunk_overlap)
     job = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(f"{root}/{SHARD_DIR}", exist_ok=True)
@@ -196,7 +201,7 @@ def embed_corpus(
     log(f"{len(specs)} shards: {len(done)} already done, {len(pending)} to embed")
 
     t0 = time.perf_counter()
-    rows = tokens = truncated = 0
+    docs = rows = tokens = truncated = 0
     if pending:
         import ray
 
@@ -212,13 +217,14 @@ def embed_corpus(
             ShardEmbedder, batch_size=1, concurrency=workers, num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
             fn_constructor_kwargs=dict(out=out, job=job, model=model, fields=state["fields"], device=device, dtype=dtype,
                                        backend=backend, threads=threads or max(1, int(cpus_per_worker)),
-                                       batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                       fault=os.environ.get(FAULT_ENV)))
+                                       batch_size=batch_size, max_batch_tokens=max_batch_tokens, long=long,
+                                       chunk_overlap=chunk_overlap, fault=os.environ.get(FAULT_ENV)))
         n = 0
         try:
             for r in ds.iter_rows():
                 n += 1
-                rows, tokens, truncated = rows + int(r["rows"]), tokens + int(r["tokens"]), truncated + int(r["truncated"])
+                docs, rows = docs + int(r["docs"]), rows + int(r["rows"])
+                tokens, truncated = tokens + int(r["tokens"]), truncated + int(r["truncated"])
                 el = time.perf_counter() - t0
                 log(f"shard {int(r['shard'])} done ({int(r['rows'])} rows); {n}/{len(pending)} shards, {rows} rows, "
                     f"{tokens / el:,.0f} tok/s, ETA {el / n * (len(pending) - n):,.0f} s")
@@ -233,8 +239,10 @@ def embed_corpus(
 
     total = check_unique(fs, root, specs)
     manifest = write_manifest(out, model, _dim(fs, root, specs[0]), total,
-                              [{"file": s.name, "source": s.to_dict()} for s in specs], fields=state["fields"], job=job)
-    summary = {"rows": total, "shards": len(specs), "shards_embedded": len(pending), "rows_embedded": rows,
+                              [{"file": s.name, "source": s.to_dict()} for s in specs], fields=state["fields"], job=job,
+                              long=long, chunk_overlap=state["chunk_overlap"])
+    summary = {"rows": total, "shards": len(specs), "shards_embedded": len(pending), "docs_embedded": docs,
+               "rows_embedded": rows, "long": long,
                "tokens": tokens, "truncated": truncated, "seconds": seconds,
                "tokens_per_s": tokens / seconds if pending and seconds > 0 else 0.0, "workers": workers or 0,
                "dim": manifest["dim"], "out": out}

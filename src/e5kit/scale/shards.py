@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..prompts import beir_document
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..index.build import Document
 
 SHARD_DIR = "shards"
 MANIFEST = "manifest.json"
@@ -158,14 +160,14 @@ def read_records(spec: ShardSpec) -> Iterator[tuple[str, dict]]:
                 row += n
 
 
-def document(where: str, rec: dict, fields: Fields) -> tuple[str, str, str]:
-    """(id, document text as E5's authors embed it - title + ' ' + text, metadata as JSON)."""
+def document(where: str, rec: dict, fields: Fields) -> "Document":
+    """One record as an :class:`e5kit.index.build.Document` (id, title, text, metadata); a missing
+    id or text raises CorpusInputError naming ``where``."""
     from ..index.build import read_document
 
-    d = read_document(where, rec, id_field=fields.id_field, title_field=fields.title_field,
-                      text_field=fields.text_field, metadata_fields=tuple(fields.metadata_fields),
-                      store_text=fields.store_text, error=CorpusInputError)
-    return d.id, beir_document(d.title, d.text), json.dumps(d.metadata or {}, ensure_ascii=False, default=str)
+    return read_document(where, rec, id_field=fields.id_field, title_field=fields.title_field,
+                         text_field=fields.text_field, metadata_fields=tuple(fields.metadata_fields),
+                         store_text=fields.store_text, error=CorpusInputError)
 
 
 def vectors_table(ids: list[str], vectors: np.ndarray, metadata: list[str]) -> pa.Table:

@@ -67,6 +67,12 @@ def request_models(config: ServerConfig) -> RequestModels:
         task: Task = None
         dimensions: Dimensions = None
         precision: Precision = "float32"
+        long: Literal["truncate", "mean", "chunks"] = Field(
+            "truncate", description="Passages over the token limit: truncate them (see `truncate`), one vector per "
+            "input = the normalised mean of its chunks' vectors (`mean`), or every chunk's vector with its character "
+            "span (`chunks`). `mean` and `chunks` need texts embedded as passages.")
+        chunk_overlap: Annotated[StrictInt, Field(ge=0, le=256)] = Field(
+            64, description="With long=mean/chunks: tokens shared by neighbouring chunks.")
 
     class SimilarityRequest(_Body):
         """One query against passages: cosine x 100 and the ranking, as on the model cards."""
@@ -122,6 +128,22 @@ class EmbeddingsResponse(BaseModel):
     data: list[EmbeddingItem]
     model: str
     usage: Usage
+
+
+class ChunkEmbedding(BaseModel):
+    """One chunk of an input embedded with ``long="chunks"``."""
+
+    span: Annotated[list[int], Field(min_length=2, max_length=2,
+                                     description="[start, end) character offsets of the chunk in its input")]
+    embedding: list[float]
+
+
+EMBED_RESPONSE = {
+    "description": "One vector per input; with long=chunks, per input the list of its chunks, in order",
+    "content": {"application/json": {"schema": {"type": "array", "items": {"anyOf": [
+        {"type": "array", "items": {"type": "number"}},
+        {"type": "array", "items": ChunkEmbedding.model_json_schema()}]}}}},
+}
 
 
 class RankedPassage(BaseModel):
@@ -230,6 +252,6 @@ def _inline(schema: dict) -> dict:
     return walk(schema)
 
 
-__all__ = ["request_models", "RequestModels", "ErrorBody", "EmbeddingsResponse", "SimilarityResponse",
-           "TokenizeResponse", "ModelList", "ModelCard", "UsageReport", "Health", "Ready", "error_doc", "body_doc",
-           "INPUT_SHAPE_MSG"]
+__all__ = ["request_models", "RequestModels", "ErrorBody", "EmbeddingsResponse", "ChunkEmbedding", "EMBED_RESPONSE",
+           "SimilarityResponse", "TokenizeResponse", "ModelList", "ModelCard", "UsageReport", "Health", "Ready",
+           "error_doc", "body_doc", "INPUT_SHAPE_MSG"]

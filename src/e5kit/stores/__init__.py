@@ -7,14 +7,15 @@ A store is named by a URI:
     postgresql://user@host:5432/db?table=passages     PostgreSQL with pgvector (table default: e5kit)
     lancedb:/path/to/db?table=passages                LanceDB, embedded, on disk
 
-:func:`load_vectors` loads an ``e5kit embed-corpus`` output into any of them, so a corpus is
-embedded once and loaded into several stores.
+(``index:DIR``, an e5kit Index, is the third sink of the commands.) :func:`load_vectors` loads an
+``e5kit embed-corpus`` output into any of them, so a corpus is embedded once and loaded into
+several stores; :func:`load_rows` loads any (ids, vectors, metadata) batches, e.g. ``Index.rows()``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -35,6 +36,12 @@ def is_store_uri(target: str) -> bool:
     return str(target).split(":", 1)[0].lower() in SCHEMES and ":" in str(target)
 
 
+def check_sink(uri: str) -> None:
+    """Refuse a sink URI that names no known store, before any work is done."""
+    if not (str(uri).startswith("index:") or is_store_uri(uri)):
+        raise StoreError(f"unknown sink {uri!r}: expected postgresql://...?table=T, lancedb:DIR?table=T or index:DIR")
+
+
 def split_uri(uri: str) -> tuple[str, str, str]:
     """(scheme, location without the table parameter, table)."""
     scheme = uri.split(":", 1)[0].lower()
@@ -52,13 +59,17 @@ def split_uri(uri: str) -> tuple[str, str, str]:
 def open_store(uri: str, model: "E5 | None" = None, *, dim: int | None = None, create: bool = False, **options):
     """The store at ``uri`` (``create=True`` makes its table when missing, with ``dim`` or the model's dimension)."""
     scheme, where, table = split_uri(uri)
-    if scheme == "lancedb":
-        from .lancedb import LanceDBStore
+    try:
+        if scheme == "lancedb":
+            from .lancedb import LanceDBStore
 
-        return LanceDBStore(where, table, model, dim=dim, create=create, **options)
-    from .pgvector import PgVectorStore
+            return LanceDBStore(where, table, model, dim=dim, create=create, **options)
+        from .pgvector import PgVectorStore
 
-    return PgVectorStore(where, table, model, dim=dim, create=create, **options)
+        return PgVectorStore(where, table, model, dim=dim, create=create, **options)
+    except ImportError as e:
+        extra = "lancedb" if scheme == "lancedb" else "pgvector"
+        raise StoreError(f"{extra} stores need pip install 'e5kit[{extra}]' ({e})") from e
 
 
 class VectorStore:
@@ -128,6 +139,21 @@ class VectorStore:
             raise StoreError(f"the store holds {self.dim}-d vectors (model {self.info.get('model')}), but "
                              f"{model.name} embeds in {model.dim} dimensions")
 
+def load_rows(store: VectorStore, batches: Iterable[tuple[list[str], np.ndarray, list[dict | None]]], *,
+              total: int | None = None, index: bool = True, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Upsert (ids, vectors, metadata) batches into ``store`` (idempotent), then build its ANN index."""
+    t0, rows = time.perf_counter(), 0
+    for ids, vec, meta in batches:
+        store.upsert(ids, vec, meta)
+        rows += len(ids)
+        log(f"{rows}/{total if total is not None else '?'} rows")
+    t_write = time.perf_counter() - t0
+    if index:
+        store.create_index()
+    return {"rows": rows, "write_seconds": t_write, "rows_per_s": rows / t_write if t_write else 0.0,
+            "index_seconds": time.perf_counter() - t0 - t_write}
+
+
 def load_vectors(vectors_dir: str, store: VectorStore, *, batch_rows: int = 8192, index: bool = True,
                  log: Callable[[str], None] = lambda m: None) -> dict:
     """Upsert every row of an ``e5kit embed-corpus`` output into ``store`` (idempotent), then build its ANN index."""
@@ -136,13 +162,4 @@ def load_vectors(vectors_dir: str, store: VectorStore, *, batch_rows: int = 8192
     m = read_manifest(vectors_dir)
     if m["dim"] != store.dim:
         raise StoreError(f"{vectors_dir} holds {m['dim']}-d vectors but the store holds {store.dim}-d ones")
-    t0, rows = time.perf_counter(), 0
-    for ids, vec, meta in iter_vectors(vectors_dir, batch_rows):
-        store.upsert(ids, vec, meta)
-        rows += len(ids)
-        log(f"{rows}/{m['rows']} rows")
-    t_write = time.perf_counter() - t0
-    if index:
-        store.create_index()
-    return {"rows": rows, "write_seconds": t_write, "rows_per_s": rows / t_write if t_write else 0.0,
-            "index_seconds": time.perf_counter() - t0 - t_write}
+    return load_rows(store, iter_vectors(vectors_dir, batch_rows), total=m["rows"], index=index, log=log)

@@ -84,15 +84,20 @@ class LanceDBStore(VectorStore):
         """Top-k by dot product per query: through the ANN index (``nprobe``, ``ef_search``, refined), or exact."""
         out = []
         for q in np.asarray(queries, dtype=np.float32):
-            s = self.tbl.search(q, vector_column_name="vector").distance_type("dot").limit(k)
-            if exact:
-                s = s.bypass_vector_index()
-            else:
-                s = s.nprobes(nprobe or self.nprobe).ef(max(k, ef_search or self.ef_search))
-                if self.refine_factor:
-                    s = s.refine_factor(self.refine_factor)
-            t = s.select(["id", "metadata", "_distance"]).to_arrow()
+            t = self._query(q, k, nprobe, ef_search, exact).select(["id", "metadata", "_distance"]).to_arrow()
             # LanceDB's "dot" distance is 1 - <q, v>
             out.append([(i, 1.0 - float(d), json.loads(m) if m else None)
                         for i, d, m in zip(t["id"].to_pylist(), t["_distance"].to_pylist(), t["metadata"].to_pylist())])
         return out
+
+    def explain(self, query: np.ndarray, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
+                exact: bool = False) -> str:
+        """LanceDB's plan for :meth:`search_vectors` of one query: shows whether the ANN index is used."""
+        return self._query(np.asarray(query, dtype=np.float32), k, nprobe, ef_search, exact).explain_plan(verbose=True)
+
+    def _query(self, q: np.ndarray, k: int, nprobe: int | None, ef_search: int | None, exact: bool):
+        s = self.tbl.search(q, vector_column_name="vector").distance_type("dot").limit(k)
+        if exact:
+            return s.bypass_vector_index()
+        s = s.nprobes(nprobe or self.nprobe).ef(max(k, ef_search or self.ef_search))
+        return s.refine_factor(self.refine_factor) if self.refine_factor else s

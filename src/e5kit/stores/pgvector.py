@@ -115,17 +115,34 @@ class PgVectorStore(VectorStore):
     def search_vectors(self, queries: np.ndarray, k: int = 10, *, ef_search: int | None = None, exact: bool = False,
                        **_) -> list[list[tuple[str, float, dict | None]]]:
         """Top-k by inner product per query: through the HNSW index (``ef_search``), or exact (a full scan)."""
-        sql, out = self.sql, []
-        query = sql.SQL("SELECT id, -(vector <#> %(q)s) AS score, metadata FROM {} ORDER BY vector <#> %(q)s "
-                        "LIMIT %(k)s").format(self.t)
+        out = []
         with self.conn.transaction():
-            self.conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(
-                sql.Literal(min(1000, max(k, ef_search or self.ef_search)))))
-            if exact:
-                self.conn.execute("SET LOCAL enable_indexscan = off")
+            self._set_search(k, ef_search, exact)
             for q in np.asarray(queries, dtype=np.float32):
-                out.append([(i, float(s), m) for i, s, m in self.conn.execute(query, {"q": q, "k": k}).fetchall()])
+                rows = self.conn.execute(self._search_sql(), {"q": q, "k": k}).fetchall()
+                out.append([(i, float(s), m) for i, s, m in rows])
         return out
+
+    def explain(self, query: np.ndarray, k: int = 10, *, ef_search: int | None = None, exact: bool = False) -> str:
+        """PostgreSQL's plan for :meth:`search_vectors` of one query: shows whether the HNSW index is used
+        (the planner may prefer a full scan of a small table)."""
+        with self.conn.transaction():
+            self._set_search(k, ef_search, exact)
+            rows = self.conn.execute(self.sql.SQL("EXPLAIN ") + self._search_sql(),
+                                     {"q": np.asarray(query, dtype=np.float32), "k": k}).fetchall()
+        return "\n".join(r[0] for r in rows)
+
+    def _search_sql(self):
+        return self.sql.SQL("SELECT id, -(vector <#> %(q)s) AS score, metadata FROM {} ORDER BY vector <#> %(q)s "
+                            "LIMIT %(k)s").format(self.t)
+
+    def _set_search(self, k: int, ef_search: int | None, exact: bool) -> None:
+        """This transaction's search settings: the HNSW breadth, or (exact) no index scan."""
+        self.conn.execute(self.sql.SQL("SET LOCAL hnsw.ef_search = {}").format(
+            self.sql.Literal(min(1000, max(k, ef_search or self.ef_search)))))
+        if exact:
+            self.conn.execute("SET LOCAL enable_indexscan = off")
+            self.conn.execute("SET LOCAL enable_seqscan = on")  # even where the session turned it off
 
     def close(self) -> None:
         self.conn.close()
