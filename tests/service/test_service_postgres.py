@@ -85,7 +85,7 @@ def test_ledger_exact_under_32_clients_on_two_replicas(replicas):
     key, kid = acc.key("load@example.com")
     load = Load([servers["a"].url, servers["b"].url], key)
     load.run()
-    assert load.received and set(load.statuses) == {200}  # how many depends on the machine; exactness does not
+    assert len(load.received) >= CLIENTS and set(load.statuses) == {200}  # every client got answers through
     tokens, rows = acc.ledger_tokens(key_label=kid)
     assert tokens == sum(load.received.values()) and rows == len(load.received)
     for s, group in zip(servers.values(), ("day", "total")):  # each replica reads the same shared ledger
