@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import re
 import threading
+import time
 import uuid
 from urllib.parse import unquote
 
@@ -226,6 +227,29 @@ def test_wrong_password_expired_session_and_login_throttle(sqlite_service):
     assert codes[:4] == [401] * 4 and codes[-1] == 429
     r = login(server.url, "victim@example.com")[1]
     assert r.status_code == 429 and r.headers["Retry-After"]
+
+
+def test_key_revoked_elsewhere_ends_within_the_key_cache_time(sqlite_service):
+    """A key's lookup is reused for ServiceConfig.key_cache_seconds (one query per key and second,
+    not per request); revoked from another process (`e5kit keys revoke`) it is refused after that."""
+    from e5kit.service.accounts import revoke_key
+
+    server, acc = sqlite_service
+    acc.user("cached@example.com")
+    key, kid = acc.key("cached@example.com")
+    assert httpx.post(server.url + "/v1/embeddings", json={"input": "a"}, headers=bearer(key)).status_code == 200
+    revoke_key(acc.db, kid)
+    revoked_at = time.monotonic()
+    deadline = revoked_at + ServiceConfig.key_cache_seconds + 5  # the cache time plus a slow CI machine's latency
+    while True:
+        r = httpx.post(server.url + "/v1/embeddings", json={"input": "b"}, headers=bearer(key))
+        if r.status_code == 401:
+            break
+        assert r.status_code == 200 and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert all(httpx.post(server.url + "/v1/embeddings", json={"input": "c"}, headers=bearer(key)).status_code == 401
+               for _ in range(3))
 
 
 def test_other_accounts_usage_is_not_readable(sqlite_service):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 from typing import Sequence
@@ -46,6 +48,10 @@ class ServiceConfig:
     session_hours: float = 12.0
     cookie_secure: bool = True
     login_attempts: int = 5  # failed logins per account and per client address in 5 minutes
+    # A database key's lookup is reused this long: one query per key and period instead of one per
+    # request. Revoking a key on this server's account page ends it at once; revocation, disabling
+    # or new limits from elsewhere (the CLI, another replica) take effect within this time.
+    key_cache_seconds: float = 1.0
 
 
 def _limits_of(row, default: Limits) -> Limits:
@@ -66,6 +72,8 @@ class Service:
                 price = config.default_price if config.default_price is not None else DEFAULT_PRICES.get(m.spec.name, 0.0)
             prices[name] = float(price)
         self.ledger = Ledger(self.db, prices)
+        # sha256(token) -> (valid until, public id, user id, key row id, limits): live keys only
+        self._key_cache: dict[bytes, tuple] = {}
 
     # ---- identities ----
     def _scopes_key(self, key: ApiKey) -> tuple:
@@ -90,14 +98,36 @@ class Service:
             ident = Identity(key_id=f"file:{label}", kind="file", request_key=request_key,
                              limits=((f"key {label}", kl),) if kl.any else ())
         else:
-            with self.db() as s:
-                key = accounts.check_key(s, token)
-                if key is None:
-                    return None
-                ident = Identity(key_id=key.public_id, user_id=key.user_id, api_key_id=key.id, kind="key",
-                                 request_key=request_key, limits=self._scopes_key(key))
+            found = self._database_key(token)
+            if found is None:
+                return None
+            public_id, user_id, key_row, limits = found
+            ident = Identity(key_id=public_id, user_id=user_id, api_key_id=key_row, kind="key",
+                             request_key=request_key, limits=limits)
         self.admit(ident)
         return ident
+
+    def _database_key(self, token: str) -> tuple | None:
+        """(public id, user id, key row id, limits) of a live database key, cached for key_cache_seconds."""
+        digest, now = hashlib.sha256(token.encode()).digest(), time.monotonic()
+        hit = self._key_cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1:]
+        with self.db() as s:
+            key = accounts.check_key(s, token)
+            if key is None:
+                self._key_cache.pop(digest, None)
+                return None
+            found = (key.public_id, key.user_id, key.id, self._scopes_key(key))
+        if self.config.key_cache_seconds > 0:
+            if len(self._key_cache) > 10_000:  # expired entries of keys no longer used
+                self._key_cache = {d: h for d, h in self._key_cache.items() if h[0] > now}
+            self._key_cache[digest] = (now + self.config.key_cache_seconds, *found)
+        return found
+
+    def forget_key(self, public_id: str) -> None:
+        """Drop a key's cached lookup (it was revoked here)."""
+        self._key_cache = {d: h for d, h in self._key_cache.items() if h[1] != public_id}
 
     def identify_session(self, token: str | None, request_key: str | None) -> tuple[Identity, str] | None:
         found = accounts.get_session(self.db, token)

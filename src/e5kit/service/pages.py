@@ -193,6 +193,7 @@ def add_pages(app: FastAPI, service: Service) -> None:
             await asyncio.to_thread(accounts.revoke_key, service.db, public_id, found[1].id)
         except accounts.AccountError:
             raise APIError(404, "no such key on your account", code="key_not_found")
+        service.forget_key(public_id)
         return RedirectResponse("/account", status_code=303)
 
 
