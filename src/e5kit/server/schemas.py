@@ -230,6 +230,6 @@ def _inline(schema: dict) -> dict:
     return walk(schema)
 
 
-__all__ = ["request_models", "RequestModels", "ErrorBody", "EmbeddingsResponse", "SimilarityResponse",
+__all__ = ["request_models", "RequestModels", "TokenId", "ErrorBody", "EmbeddingsResponse", "SimilarityResponse",
            "TokenizeResponse", "ModelList", "ModelCard", "UsageReport", "Health", "Ready", "error_doc", "body_doc",
            "INPUT_SHAPE_MSG"]
