@@ -2,6 +2,8 @@
 
 A bounded async load generator (httpx): C clients, each sending its next request as soon as the last
 one is answered, for D seconds; requests carry 1 or 32 SciFact passages (`input_type: passage`).
+After a 429 a client waits Retry-After plus up to 0.25 s of jitter, as the openai client does
+(`--retry honour`, default), or retries after a fixed 50 ms whatever Retry-After says (`--retry hostile`).
 Reports requests/s, tokens/s (from the responses' usage), p50/p99 latency, errors and the server's
 peak RSS per run, then the engine's offline tokens/s on the same texts (E5.encode_passages, batch 32)
 and the ratio. Then the overload run: 512 clients of the longest passages (4 per request) for 60 s
@@ -11,6 +13,7 @@ Last (--health-probe) /health latency while clients send 6 MB /tokenize requests
 or another one (--src, e.g. an older commit's src/) to compare.
 
     flock /tmp/e5kit-cpu.lock python benchmarks/bench_server.py --duration 30
+    flock /tmp/e5kit-cpu.lock python benchmarks/bench_server.py --clients '' --retry hostile
     flock /tmp/e5kit-cpu.lock python benchmarks/bench_server.py --clients '' --health-probe
 
 Model: a random-weight e5-small-v2-shaped BERT built from ../shared/models/e5-small-v2-tokenizer
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -116,9 +120,26 @@ def _status_kb(pid: int, field: str) -> float:
     return 0.0
 
 
+RETRY_POLICIES = ("honour", "hostile")
+
+
+def retry_delay(r: httpx.Response, policy: str) -> float:
+    """Seconds a client waits before retrying after a 429: Retry-After plus up to 0.25 s of jitter (so
+    retries do not arrive in lockstep), as the openai client honours it ("honour"); or a fixed 50 ms
+    whatever Retry-After says ("hostile": a client that ignores the server's advice)."""
+    if policy == "hostile":
+        return 0.05
+    try:
+        after = float(r.headers.get("retry-after", "1"))
+    except ValueError:
+        after = 1.0
+    return max(0.0, after) + random.uniform(0, 0.25)
+
+
 async def load(url: str, texts: list[str], clients: int, per_request: int, duration: float, server: Server,
-               retry_429: float = 0.0, headers: dict | None = None) -> dict:
-    """C clients in closed loops for `duration` seconds; returns the run's figures.
+               retry: str = "honour", headers: dict | None = None) -> dict:
+    """C clients in closed loops for `duration` seconds (after a 429, each waits as ``retry`` says:
+    see :func:`retry_delay`); returns the run's figures.
 
     Only requests answered within the window count. At its end the clients hang up: the server drops
     their queued work, and the next run starts once its queue is empty.
@@ -159,8 +180,7 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
                     lat.append(dt)
                     tokens += r.json()["usage"]["total_tokens"]
                 elif r.status_code == 429:
-                    if retry_429:
-                        await asyncio.sleep(retry_429)
+                    await asyncio.sleep(retry_delay(r, retry))
                 else:
                     errors += 1
 
@@ -277,6 +297,8 @@ def main() -> None:
     ap.add_argument("--overload-duration", type=float, default=60.0)
     ap.add_argument("--overload-size", type=int, default=4, help="longest passages per overload request")
     ap.add_argument("--max-queue-wait", type=float, default=5.0, help="--max-queue-wait of the overload server")
+    ap.add_argument("--retry", choices=RETRY_POLICIES, default="honour",
+                    help="after a 429: wait Retry-After + jitter (honour, as the openai client) or 50 ms (hostile)")
     ap.add_argument("--health-probe", action="store_true", help="also measure /health under a /tokenize attack")
     ap.add_argument("--src", type=Path, default=ROOT / "src", help="src/ of the code the health probe serves")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -309,7 +331,7 @@ def main() -> None:
                     print(f"engine offline (before): {offline[-1]:.0f} tokens/s", flush=True)
                     print(header, flush=True)
                 for clients in clients_list:
-                    r = asyncio.run(load(server.url, texts, clients, size, args.duration, server))
+                    r = asyncio.run(load(server.url, texts, clients, size, args.duration, server, args.retry))
                     runs.append(r)
                     print(fmt_row(r), flush=True)
                 if k == 0:
@@ -331,7 +353,7 @@ def main() -> None:
                       f"errors {r['errors']}", flush=True)
 
     if args.overload_clients:
-        # Overload: many clients of long texts, each retrying 50 ms after a 429 (ignoring Retry-After).
+        # Overload: many clients of long texts, each retrying after a 429 as --retry says.
         long_texts = sorted(texts, key=len, reverse=True)[:256]
         long_engine = OfflineEngine(model, long_texts, args.dtype, args.backend)
         before = long_engine.tokens_per_s(offline_s)
@@ -339,7 +361,7 @@ def main() -> None:
                            logdir / "bench_server_overload.log")
         try:
             ov = asyncio.run(load(ov_server.url, long_texts, args.overload_clients, args.overload_size,
-                                  args.overload_duration, ov_server, retry_429=0.05))
+                                  args.overload_duration, ov_server, args.retry))
             ov_hwm = ov_server.peak_rss_mb()
         finally:
             ov_code = ov_server.stop()
@@ -347,7 +369,8 @@ def main() -> None:
         ov["offline_tokens_per_s"] = [before, after]
         answered = ov["requests_ok"] + ov["status_429"]
         print(f"overload ({args.overload_clients} clients x {args.overload_size} long texts, {args.overload_duration:.0f} s, "
-              f"--max-queue-wait {args.max_queue_wait}): {ov['requests_ok']} ok, {ov['status_429']} answered 429 "
+              f"--max-queue-wait {args.max_queue_wait}, --retry {args.retry}): {ov['requests_ok']} ok, "
+              f"{ov['status_429']} answered 429 "
               f"({ov['status_429'] / max(1, answered):.0%} of answers), {ov['errors']} other errors; admitted p50 "
               f"{ov['p50_ms']:.0f} ms p99 {ov['p99_ms']:.0f} ms (target p99 <= {2000 * args.max_queue_wait:.0f} ms); "
               f"{ov['tokens_per_s']:.0f} tokens/s = {ov['tokens_per_s'] / ((before + after) / 2):.0%} of the engine "

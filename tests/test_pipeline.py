@@ -49,6 +49,20 @@ def test_prepare_ids_and_max_tokens(tiny_bert):
         m.prepare_ids([[10**9]])
 
 
+def test_prepare_spans(tiny_bert):
+    """With spans=True, prepare also gives each token's piece and offsets in the text the model saw
+    (what the server's /tokenize shows), for the same (cut) ids."""
+    m = E5(str(tiny_bert))
+    long = " ".join(["protein"] * 100)
+    p = m.prepare(["summit define", long], "query", spans=True, max_tokens=16)
+    assert m.prepare(["x"]).spans is None and p.ids == m.prepare(["summit define", long], "query", max_tokens=16).ids
+    for text, ids, sp in zip(p.texts, p.ids, p.spans):
+        assert len(sp.pieces) == len(sp.offsets) == len(sp.special) == len(ids)
+        assert sp.special[0] and sp.special[-1] and not any(sp.special[1:-1])
+        assert [text[a:b] for a, b in sp.offsets[1:-1]] == [w.lstrip("#") for w in sp.pieces[1:-1]]
+    assert [p.texts[0][a:b] for a, b in p.spans[0].offsets[1:-1]] == ["query", ":", "summit", "define"]
+
+
 def test_finish_dimensions_and_precision():
     rng = np.random.default_rng(0)
     v = rng.normal(size=(5, 16)).astype(np.float32)

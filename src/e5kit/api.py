@@ -110,10 +110,11 @@ class E5:
         return format_texts(as_text_list(texts), input_type, self.prompt_style, task)
 
     def prepare(self, texts: str | Sequence[str], input_type: InputType | None = None, *, task: str | None = None,
-                prompt_style: str | None = None, truncate: bool = True, max_tokens: int | None = None) -> Prepared:
+                prompt_style: str | None = None, truncate: bool = True, max_tokens: int | None = None,
+                spans: bool = False) -> Prepared:
         """Prompt convention + tokenization + truncation policy (:func:`e5kit.pipeline.prepare`)."""
         return pipeline.prepare(self.engine, texts, input_type, prompt_style=prompt_style, task=task,
-                                truncate=truncate, max_tokens=max_tokens)
+                                truncate=truncate, max_tokens=max_tokens, spans=spans)
 
     def prepare_ids(self, seqs: Sequence[Sequence[int]], *, truncate: bool = True,
                     max_tokens: int | None = None) -> Prepared:

@@ -38,10 +38,21 @@ class InputTooLongError(ValueError):
                          f"shorten it or allow truncation")
 
 
+@dataclass(frozen=True)
+class Spans:
+    """One input's tokens as the tokenizer split it, in ``ids`` order: the pieces, their character
+    spans (start, stop) in the text, and which are special tokens."""
+
+    pieces: list[str]
+    offsets: list[tuple[int, int]]
+    special: list[bool]
+
+
 @dataclass
 class Tokenized:
     ids: list[list[int]]
     truncated: list[int] = field(default_factory=list)  # indices of inputs that were cut
+    spans: list[Spans] | None = None  # per input, when asked for
 
     @property
     def n_tokens(self) -> int:
@@ -203,9 +214,10 @@ class Engine:
             raise ValueError(f"max_tokens must be an integer >= 2, not {max_tokens!r}")
         return min(max_tokens, self.max_tokens)
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True, max_tokens: int | None = None) -> Tokenized:
+    def tokenize(self, texts: Sequence[str], truncate: bool = True, max_tokens: int | None = None,
+                 spans: bool = False) -> Tokenized:
         """Token ids (with special tokens) for each text, cut at the model's limit (or the lower
-        ``max_tokens``).
+        ``max_tokens``); with ``spans``, each token's piece, character offsets and special flag too.
 
         With ``truncate=False`` an over-long input raises :class:`InputTooLongError`.
         """
@@ -219,7 +231,10 @@ class Engine:
         if truncated and not truncate:
             i = truncated[0]
             raise InputTooLongError(i, self.count_tokens([texts[i]])[0], limit)
-        return Tokenized(ids=ids, truncated=truncated)
+        if not spans:
+            return Tokenized(ids=ids, truncated=truncated)
+        return Tokenized(ids=ids, truncated=truncated, spans=[
+            Spans(e.tokens, e.offsets, [bool(m) for m in e.special_tokens_mask]) for e in encs])
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Untruncated token counts (special tokens included)."""

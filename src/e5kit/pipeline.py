@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .prompts import InputType, format_texts
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine import Engine, Spans
 
 Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
@@ -40,6 +40,7 @@ class Prepared:
     ids: list[list[int]]
     truncated: list[int] = field(default_factory=list)  # indices of inputs cut at the token limit
     texts: list[str] | None = None  # the exact strings the model saw; None for caller-supplied ids
+    spans: list[Spans] | None = None  # per input, each token's piece and offsets in ``texts`` (when asked for)
 
     @property
     def n_tokens(self) -> int:
@@ -71,6 +72,7 @@ def prepare(
     task: str | None = None,
     truncate: bool = True,
     max_tokens: int | None = None,
+    spans: bool = False,
 ) -> Prepared:
     """Format ``texts`` by the prompt convention and tokenize them.
 
@@ -78,13 +80,14 @@ def prepare(
     ``prompt_style``: "e5", "instruct" or "none" (default: the model's). ``task``: the instruction
     (or a known task name) for instruct models. ``max_tokens`` lowers the model's token limit.
     Over-long inputs are cut (their indices in ``Prepared.truncated``), or raise
-    :class:`~e5kit.engine.InputTooLongError` with ``truncate=False``.
+    :class:`~e5kit.engine.InputTooLongError` with ``truncate=False``. ``spans``: also each token's
+    piece and character offsets in the formatted text (``Prepared.spans``, what ``/tokenize`` shows).
     """
     batch = as_text_list(texts)
     style = prompt_style or engine.spec.prompt_style
     formatted = batch if input_type in (None, "raw") else format_texts(batch, input_type, style, task)
-    tok = engine.tokenize(formatted, truncate=truncate, max_tokens=max_tokens)
-    return Prepared(ids=tok.ids, truncated=tok.truncated, texts=formatted)
+    tok = engine.tokenize(formatted, truncate=truncate, max_tokens=max_tokens, spans=spans)
+    return Prepared(ids=tok.ids, truncated=tok.truncated, texts=formatted, spans=tok.spans)
 
 
 def prepare_ids(engine: "Engine", seqs: Sequence[Sequence[int]], *, truncate: bool = True,

@@ -1,9 +1,10 @@
 """Admission by expected wait, backpressure, disconnects and the token cap, in-process with the real
-model. The first test holds the worker with an event (deterministic); the second is a real burst."""
+model. Most tests hold the worker with an event (deterministic); the burst is real."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 
@@ -13,6 +14,7 @@ import pytest
 
 from e5kit import E5
 from e5kit.server import ServerConfig, create_app
+from e5kit.server.batcher import _Throughput
 from inprocess import InProcessServer
 from server_helpers import metric
 
@@ -31,7 +33,10 @@ def ml_app(ml_e5):
 
 @pytest.fixture
 def gate(ml_app, monkeypatch):
-    """Hold the worker inside its next forward pass until released."""
+    """Hold the worker inside its next forward pass until released (the measured rate, which would count
+    the held time as forward time, is restored afterwards)."""
+    batcher = ml_app.service.served["ml"].batcher
+    monkeypatch.setattr(batcher, "_rate", copy.deepcopy(batcher._rate))
     engine = ml_app.service.served["ml"].model.engine
     entered, release = threading.Event(), threading.Event()
     real = engine.forward
@@ -44,6 +49,34 @@ def gate(ml_app, monkeypatch):
     monkeypatch.setattr(engine, "forward", gated)
     yield entered, release
     release.set()
+
+
+def test_untruncated_tokenizer_is_built_at_start(ml_app):
+    """The tokenizer that counts over-long inputs (truncate=false errors) is built before /ready: with the
+    real 250k vocabulary that takes ~1 s holding the interpreter, which the first such request would
+    otherwise spend stalling the event loop."""
+    assert None in ml_app.service.served["ml"].model.engine._tokenizers
+
+
+def test_a_request_too_slow_on_its_own_is_refused_outright(ml_app, monkeypatch):
+    """Nothing queued, yet a request that alone would take more than twice the wait bound can never meet
+    it: refused for good, 400 on /v1 (413 on the native routes) with no Retry-After; a request a
+    little over the bound alone is still admitted (the estimate is noisy)."""
+    batcher = ml_app.service.served["ml"].batcher
+    rate = batcher.tokens_per_s
+    assert rate > 0 and batcher.queued_tokens == 0
+    monkeypatch.setattr(batcher, "max_queue_wait", 1000 / rate)  # BIG (3072 tokens) alone: ~3 x the bound
+    with pytest.raises(openai.BadRequestError, match="alone would take") as e:
+        ml_app.openai().embeddings.create(input=BIG, model="ml")
+    assert e.value.body["code"] == "too_many_tokens" and "retry-after" not in e.value.response.headers
+    r = ml_app.client.post("/embed", json={"inputs": BIG, "model": "ml"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_tokens", r.text
+    assert "retry-after" not in r.headers and "split it" in r.json()["error"]["message"]
+    ids = ml_app.service.served["ml"].model.prepare(BIG).ids  # token ids: their exact count is checked
+    r = ml_app.client.post("/v1/embeddings", json={"input": ids, "model": "ml"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_tokens", r.text
+    ok = ml_app.client.post("/v1/embeddings", json={"input": BIG[:3], "model": "ml"})  # ~1.5 x the bound alone
+    assert ok.status_code == 200 and ok.json()["usage"]["total_tokens"] == 3 * 512
 
 
 def test_backpressure_and_disconnect(ml_app, gate):
@@ -120,12 +153,18 @@ def test_token_cap_and_rate_limit_class(ml_app, gate):
     assert ml_app.client.get("/ready").status_code == 200
 
 
-def test_burst_gets_429_and_admitted_requests_finish_within_the_bound(ml_app):
-    """32 concurrent clients of 2 x 512 tokens against a 2 s bound: the excess is refused with
-    Retry-After, every admitted request is answered, and in about the bound."""
+def test_burst_gets_429_and_admitted_requests_finish_within_the_bound(ml_app, monkeypatch):
+    """32 concurrent clients of 2 x 512 tokens against a 2 s bound: the excess is refused by the
+    expected-wait rule with Retry-After, every admitted request is answered, p99 within twice the bound."""
     batcher = ml_app.service.served["ml"].batcher
     bound = 2.0
-    batcher.max_queue_wait = bound
+    monkeypatch.setattr(batcher, "max_queue_wait", bound)
+    monkeypatch.setattr(batcher, "max_queued_tokens", 1 << 20)  # the token cap is far: only the wait refuses
+    # The promise is only as good as the measured rate: measure it now, on the machine as loaded as it is
+    # now (a fresh window, one request of well-filled passes), not at the module's start.
+    monkeypatch.setattr(batcher, "_rate", _Throughput())
+    warm = ml_app.client.post("/v1/embeddings", json={"input": BIG, "model": "ml"})
+    assert warm.status_code == 200 and batcher.tokens_per_s > 0
 
     async def one(c, i):
         t0 = time.perf_counter()
@@ -141,15 +180,16 @@ def test_burst_gets_429_and_admitted_requests_finish_within_the_bound(ml_app):
     refused = [(ra, r) for s, _, ra, r in results if s == 429]
     assert len(ok) + len(refused) == 32, [s for s, *_ in results]
     assert ok and refused
-    assert all(ra is not None and int(ra) >= 1 for ra, _ in refused)
+    assert 32 * 1024 < batcher.max_queued_tokens
+    for ra, r in refused:  # refused by the expected wait, with a Retry-After from the same estimate
+        assert ra is not None and int(ra) >= 1 and f"(limit {bound:g} s)" in r.json()["error"]["message"], r.text
     for s, _, _, r in results:
         if s == 200:
             assert r.json()["usage"]["total_tokens"] == 1024
     p99 = float(np.percentile(ok, 99))
-    print(f"burst: {len(ok)} admitted, {len(refused)} refused; admitted p99 {p99:.2f} s (bound {bound} s)")
-    # The estimate follows the measured throughput; on a machine shared with other jobs that can
-    # change between the estimate and the work, hence the slack (benchmarks/bench_server.py measures it).
-    assert p99 <= 3 * bound, (p99, sorted(ok))
+    print(f"burst: {len(ok)} admitted, {len(refused)} refused at {batcher.tokens_per_s:.0f} tokens/s; "
+          f"admitted p99 {p99:.2f} s (bound {bound} s)")
+    assert p99 <= 2 * bound, (p99, sorted(ok))
 
 
 def test_drain_expiry_answers_503_with_retry_after(ml_app, gate):

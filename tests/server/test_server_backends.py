@@ -15,15 +15,18 @@ TEXTS = ["how much protein should a female eat", "summit define", "南瓜的家�
          "passage: the cell study of gene and cancer risk in patients " * 8]
 
 
-@pytest.mark.parametrize("args, kwargs, min_cos", [
-    (["--backend", "int8"], {"backend": "int8"}, 0.99),
-    (["--dtype", "bfloat16"], {"dtype": "bfloat16"}, 0.999),
+@pytest.mark.parametrize("args, kwargs, min_cos, logged", [
+    (["--backend", "int8"], {"backend": "int8"}, 0.99, "backend int8 (int8 linear layers, the rest "),
+    (["--dtype", "bfloat16"], {"dtype": "bfloat16"}, 0.999, "backend torch, dtype bfloat16"),
 ])
-def test_served_backend_matches_library(tiny_xlmr, tmp_path, args, kwargs, min_cos):
+def test_served_backend_matches_library(tiny_xlmr, tmp_path, args, kwargs, min_cos, logged):
     lib = E5(str(tiny_xlmr), **kwargs)
     fp32 = E5(str(tiny_xlmr)).encode_queries(TEXTS)
     server = ServerProcess(["-m", f"x={tiny_xlmr}", *args], tmp_path / "server.log")
     try:
+        # The startup log names what runs (issue 18: --backend int8 was logged as "dtype bfloat16").
+        line = next(x for x in server.log().splitlines() if "model x:" in x)
+        assert logged in line and (kwargs.get("backend") != "int8" or "dtype" not in line), line
         card = httpx.get(server.url + "/v1/models").json()["data"][0]
         assert card["backend"] == lib.backend and card["dtype"] == str(lib.dtype).replace("torch.", "")
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

@@ -56,12 +56,17 @@ def test_limits(engine):
 
 
 def test_admission_arithmetic(engine):
-    """Expected wait = (queued ahead + own) / measured rate; Retry-After = the excess over the bound."""
+    """Expected wait = (queued ahead + own) / measured rate; Retry-After = the excess over the bound; a job
+    that alone takes more than twice the bound is refused for good."""
     b = Batcher(engine, "t", max_queued_tokens=10_000, max_queue_wait=2.0, calibrate=False)
     assert b.tokens_per_s == 0
     b.admit(5000, queued=3000)  # unmeasured: only the cap applies
     b._rate.update(1000, 1.0)  # 1000 tokens/s
-    b.admit(5000, queued=0)  # nothing ahead: admitted whatever its own size
+    b.admit(3900, queued=0)  # nothing ahead, 3.9 s alone: over the bound, within twice it (a noisy estimate)
+    with pytest.raises(TooManyTokens, match=r"about 5\.0 s .* up to 4000 tokens fit"):
+        b.admit(5000, queued=0)  # 5 s alone: more than twice the bound, so never admissible
+    with pytest.raises(TooManyTokens, match="at least 5000 tokens"):
+        b.check_room(5000)  # the pre-tokenization check on a lower bound of the tokens
     b.admit(500, queued=1500)  # 2.0 s: at the bound
     with pytest.raises(QueueFull) as e:
         b.admit(600, queued=1500)  # 2.1 s

@@ -160,6 +160,10 @@ def test_malformed_bodies(tiny_server):
         assert_error(post(tiny_server, path, content=b""), status, contains="empty")
         assert_error(post(tiny_server, path, content=b'["a"]'), status, contains="JSON object")
         assert_error(post(tiny_server, path, content=b"[" * 100_000), status)
+        # A raw (unescaped) NUL byte: a control character JSON does not allow in a string, or a stray byte.
+        assert_error(post(tiny_server, path, content=b'{"input": "a\x00b"}'), status, contains="not valid JSON")
+        assert_error(post(tiny_server, path, content=b'{"input": "a"}\x00'), status, contains="not valid JSON")
+        assert_error(post(tiny_server, path, content=b'\x00{"input": "a"}'), status, contains="not valid JSON")
     assert_error(post(tiny_server, v1, content=b'{"input": "caf\xe9"}'), 400, contains="UTF-8")
     assert_error(post(tiny_server, v1, content=b'{"input": "\\ud800"}'), 400, contains="surrogate")
     # Content type: JSON only (none given is read as JSON).
@@ -206,6 +210,7 @@ def test_nothing_a_client_sends_is_a_500(tiny_server):
               b'{"input": "a", "model": "\\ud800"}', b'{"\\ud800": 1, "input": "a"}', b'{"input": [["a"]]}',
               b'{"input": [[]]}', b'{"input": [[-1]]}', b'{"input": ' + b"[" * 50 + b"]" * 50 + b"}",
               b'{"inputs": "a", "query": "a", "passages": [""]}', b'{"input": "a\\u0000b", "inputs": "\\u0000"}',
+              b'{"input": ["a\x00"], "inputs": "\x00", "query": "\x00"}', b'{"input": "a", "model": "\x00"}\x00',
               json.dumps({"input": ["x" * 50_000]}).encode()]
     for path in ("/v1/embeddings", "/embed", "/tokenize", "/similarity"):
         for b in bodies:

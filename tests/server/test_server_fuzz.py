@@ -1,8 +1,10 @@
-"""schemathesis against the server's own OpenAPI document (a real `e5kit serve` process, tiny
-models, no keys): seeded, bounded examples; any 5xx, any response that does not match the documented
-schema, status code or content type fails."""
+"""schemathesis against the server's own OpenAPI document (the app in-process over ASGI, tiny
+models, no keys): seeded, bounded examples; any 5xx, any logged server error, any response that does
+not match the documented schema, status code or content type fails."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 
@@ -19,8 +21,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-from server_helpers import ServerProcess  # noqa: E402
-
+from e5kit import E5  # noqa: E402
+from e5kit.server import ServerConfig, create_app  # noqa: E402
 
 
 def rejected(ctx, response, case):
@@ -35,18 +37,22 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_bert, tiny_instruct, tmp_path_factory):
-    d = tmp_path_factory.mktemp("fuzz")
-    server = ServerProcess(["-m", f"tiny={tiny_bert}", "-m", f"inst={tiny_instruct}", "--max-inputs", "64",
-                            "--threads", "1"], d / "server.log")
-    yield server
-    assert "Traceback" not in server.log()
-    server.stop()
+def models(tiny_bert, tiny_instruct):
+    return [("tiny", E5(str(tiny_bert))), ("inst", E5(str(tiny_instruct)))]
+
+
+@pytest.fixture
+def fuzz_app(models, caplog):
+    """A fresh app per test: schemathesis runs its lifespan and ends it with the test."""
+    caplog.set_level(logging.ERROR)
+    yield create_app(models, ServerConfig(max_inputs=64))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_openapi_fuzz(fuzz_server, mode):
-    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
+def test_openapi_fuzz(fuzz_app, mode):
+    schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     operations = [op.ok() for op in schema.get_all_operations()]
     assert len(operations) >= 9
     calls = []

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 
 from server_helpers import ServerProcess, metric
-from helpers import make_tiny_model
+from helpers import make_tiny_model, run_e5kit
 
 LONG = " ".join(["the cell study of gene and cancer risk in patients"] * 80)
 
@@ -115,31 +115,22 @@ def test_sigterm_with_more_work_than_the_drain(tmp_path):
 
 def test_bad_settings_fail_fast(tmp_path, tiny_bert):
     """Bad settings and a busy port fail before any model is loaded, with one clear line."""
-    import subprocess
-    import sys
-
-    from server_helpers import SRC
-
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "e5kit", "serve", "-m", str(tmp_path / "missing")],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = run_e5kit("serve", "-m", str(tmp_path / "missing"), clean_env=True, timeout=60)
     assert r.returncode != 0 and "does not exist" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "e5kit", "serve", "-m", str(tiny_bert), "--max-batch-tokens", "100"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = run_e5kit("serve", "-m", str(tiny_bert), "--max-batch-tokens", "100", clean_env=True, timeout=60)
     assert r.returncode != 0 and "max_batch_tokens" in r.stderr
     (tmp_path / "keys").write_text("a b c\n")
-    r = subprocess.run([sys.executable, "-m", "e5kit", "serve", "-m", str(tiny_bert), "--api-key-file",
-                        str(tmp_path / "keys")], capture_output=True, text=True, env=env, timeout=60)
+    r = run_e5kit("serve", "-m", str(tiny_bert), "--api-key-file", str(tmp_path / "keys"), clean_env=True, timeout=60)
     assert r.returncode != 0 and "expected 'KEY' or 'LABEL KEY'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "e5kit", "serve", "-m", str(tiny_bert), "--drain-timeout", "1",
-                        "--max-queue-wait", "5"], capture_output=True, text=True, env=env, timeout=60)
+    r = run_e5kit("serve", "-m", str(tiny_bert), "--drain-timeout", "1", "--max-queue-wait", "5", clean_env=True,
+                  timeout=60)
     assert r.returncode != 0 and "drain_timeout" in r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "e5kit", "serve", "-m", str(tmp_path / "not-loaded"), "--port",
-                            str(port), "--log-level", "info"], capture_output=True, text=True, env=env, timeout=60)
+        r = run_e5kit("serve", "-m", str(tmp_path / "not-loaded"), "--port", str(port), "--log-level", "info",
+                      clean_env=True, timeout=60)
     # The port is checked first: the model path (which does not exist) is never reached.
     assert r.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
     assert "does not exist" not in r.stderr and "listening" not in r.stderr and "Traceback" not in r.stderr

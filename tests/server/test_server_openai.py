@@ -221,3 +221,54 @@ def test_default_model_id_is_a_name_not_a_path(tiny_bert):
         assert client(server).embeddings.create(input="a", model=name).model == name
     finally:
         server.stop()
+
+
+def test_openapi_document(tiny_server, tiny_bert):
+    """/openapi.json (what clients are generated from and fuzzing checks against) is precise: Bearer
+    security exactly when keys are on, /metrics as text/plain, every error in OpenAI's shape, request
+    schemas that exclude empty strings and empty lists."""
+    from e5kit.server import create_app
+    from inprocess import InProcessServer
+
+    doc = tiny_server.client.get("/openapi.json").json()
+    ops = {(path, method): op for path, item in doc["paths"].items() for method, op in item.items()}
+    assert list(doc["components"]["securitySchemes"]) == ["HTTPBearer"]
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for key, op in ops.items():
+        assert (op.get("security") == [{"HTTPBearer": []}]) == (key not in {("/health", "get"), ("/ready", "get")}), key
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    assert set(doc["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    metrics = ops["/metrics", "get"]["responses"]
+    assert list(metrics["200"]["content"]) == ["text/plain"] and metrics["401"]["content"] == error
+    assert tiny_server.client.get("/metrics", headers=tiny_server.headers).headers["content-type"].startswith("text/plain")
+    for path in ("/v1/embeddings", "/embed", "/similarity", "/tokenize"):
+        responses = ops[path, "post"]["responses"]
+        assert {"400", "401", "404", "408", "413", "429", "503"} <= set(responses), path
+        assert path.startswith("/v1") or {"415", "422"} <= set(responses), path
+        for status, resp in responses.items():
+            assert status == "200" or resp["content"] == error, (path, status)
+        for status in ("429", "503"):
+            assert responses[status]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
+
+    def body(path: str) -> dict:
+        return ops[path, "post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    text, texts, ids, id_lists = body("/v1/embeddings")["properties"]["input"]["anyOf"]
+    assert text == {"type": "string", "minLength": 1} and "input" in body("/v1/embeddings")["required"]
+    assert texts["minItems"] == 1 and texts["maxItems"] == 2048 and texts["items"] == text
+    assert ids["minItems"] == 1 and ids["items"]["type"] == "integer" and ids["items"]["minimum"] == 0
+    assert id_lists["minItems"] == 1 and id_lists["maxItems"] == 2048 and id_lists["items"] == ids
+    assert body("/embed")["properties"]["inputs"]["anyOf"] == [text, texts, ids, id_lists]
+    assert body("/tokenize")["properties"]["inputs"]["anyOf"] == [text, texts]
+    sim = body("/similarity")["properties"]
+    assert sim["query"]["minLength"] == 1 and sim["passages"]["minItems"] == 1 and sim["passages"]["items"] == text
+    for path in ("/v1/embeddings", "/embed", "/similarity", "/tokenize"):
+        assert body(path)["properties"]["task"]["anyOf"][0]["minLength"] == 1, path
+    # Keys off: no security declared anywhere.
+    server = InProcessServer(create_app([("t", E5(str(tiny_bert)))]))
+    try:
+        doc = server.client.get("/openapi.json").json()
+    finally:
+        server.stop()
+    assert "securitySchemes" not in doc.get("components", {})
+    assert not any("security" in op for item in doc["paths"].values() for op in item.values())

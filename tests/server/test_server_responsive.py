@@ -1,8 +1,10 @@
 """The event loop stays free: /health answers within 100 ms while large /tokenize requests are
-being worked on (a real `e5kit serve` process); large token-id bodies are parsed off the loop."""
+being worked on (a real `e5kit serve` process); large token-id bodies are parsed off the loop; a
+/tokenize backlog has its own bounded pool and never holds up embedding (in-process)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -33,7 +35,9 @@ def _probe_while(server, jobs) -> list[float]:
 
 
 def test_health_stays_fast_under_big_requests(tiny_bert, tmp_path):
-    server = ServerProcess(["-m", f"t={tiny_bert}", "--max-response-bytes", "8000000"], tmp_path / "server.log")
+    # A 30 s wait bound: the 1M-token request below (seconds of work) is admitted (alone it may take up to 60 s).
+    server = ServerProcess(["-m", f"t={tiny_bert}", "--max-response-bytes", "8000000", "--max-queue-wait", "30"],
+                           tmp_path / "server.log")
     text = " ".join(WORDS[i % len(WORDS)] for i in range(700))  # ~5 KB, over 512 tokens
     big = json.dumps({"inputs": [f"{i} {text}" for i in range(1200)]}).encode()  # ~6 MB
     small = json.dumps({"inputs": [f"{i} {text}" for i in range(20)]}).encode()
@@ -69,5 +73,48 @@ def test_health_stays_fast_under_big_requests(tiny_bert, tmp_path):
         assert [s for s, _ in results["ids"]] == [200]
         print(f"/health during a 3 MB token-id request: {len(lat)} probes, max {lat[-1] * 1000:.1f} ms")
         assert lat[-1] < 1.0, lat[-5:]
+        # The largest body the server takes (16 MiB): one input of 8M token ids (cut to 512).
+        results["ids"].clear()
+        huge = ('{"input": [' + str(cls) + ",5" * (8_000_000 - 1) + "]}").encode()
+        assert len(huge) <= 16 << 20
+        lat = _probe_while(server, [send("ids", "/v1/embeddings", huge, 1)])
+        assert [(s, b["usage"]["total_tokens"]) for s, b in results["ids"]] == [(200, 512)]
+        print(f"/health during a 16 MB token-id request: {len(lat)} probes, max {lat[-1] * 1000:.1f} ms")
+        assert lat[-1] < 1.0, lat[-5:]
     finally:
         server.stop()
+
+
+def test_a_tokenize_backlog_does_not_hold_up_embedding(tiny_server):
+    """/tokenize parses, tokenizes and renders in its own pool with a bounded backlog: while that pool is
+    busy, large embedding requests (parsed and tokenized in the other pool) are answered, and /tokenize
+    beyond its backlog gets 429 + Retry-After."""
+    service = tiny_server.service
+    pool = service.tokenize_pool
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(6000))  # ~40 KB
+    tok_body = json.dumps({"model": "tiny", "inputs": [f"{i} {text}" for i in range(20)]}).encode()  # ~0.8 MB
+    emb_body = json.dumps({"model": "tiny", "input": [f"{i} {text[:1500]}" for i in range(200)]}).encode()
+    assert len(emb_body) > 256 << 10 and 2 * len(tok_body) <= pool.limit < 3 * len(tok_body)
+    headers = {**tiny_server.headers, "content-type": "application/json"}
+    release = threading.Event()
+    pool.executor.submit(release.wait, 60)  # the pool's one thread is busy: /tokenize work queues up
+
+    async def scenario():
+        async with tiny_server.async_client(headers=headers) as c:
+            queued = [asyncio.create_task(c.post("/tokenize", content=tok_body)) for _ in range(2)]
+            while pool.cost < 2 * len(tok_body):
+                await asyncio.sleep(0.01)
+            over = await c.post("/tokenize", content=tok_body)
+            embedded = await asyncio.wait_for(c.post("/v1/embeddings", content=emb_body), 60)
+            release.set()
+            return over, embedded, await asyncio.gather(*queued)
+
+    try:
+        over, embedded, queued = tiny_server.run(scenario())
+    finally:
+        release.set()
+    assert embedded.status_code == 200 and len(embedded.json()["data"]) == 200, embedded.text
+    assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1, over.text
+    assert over.json()["error"]["code"] == "queue_full"
+    for r in queued:
+        assert r.status_code == 200 and len(r.json()["data"]) == 20, r.text

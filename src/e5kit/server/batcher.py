@@ -12,9 +12,11 @@ Admission by expected wait: the worker measures its throughput (tokens per secon
 time, over recent full batches; one calibration pass at start seeds it). A job is admitted only if
 the tokens queued ahead of it plus its own, at that rate, are done within ``max_queue_wait``
 seconds (or nothing is queued ahead of it); otherwise :class:`QueueFull` carries a Retry-After from
-the same estimate. ``max_queued_tokens`` stays a hard cap, and a job larger than it alone is
-:class:`TooManyTokens`. A cancelled job (its client went away) has its queued sequences dropped
-before they reach the model.
+the same estimate. ``max_queued_tokens`` stays a hard cap. A job that alone is larger than the cap, or
+alone would take more than ``LONE_JOB_FACTOR`` x ``max_queue_wait`` at the measured rate, can never be
+admitted within the bound: :class:`TooManyTokens` (the factor leaves room for a noisy estimate, so a
+job just over the bound on a slow measurement is not refused for good). A cancelled job (its client
+went away) has its queued sequences dropped before they reach the model.
 
 The vectors are mean-pooled and unnormalised (``Engine.forward``); normalisation, ``dimensions``
 and precision are :func:`e5kit.pipeline.finish`'s, applied by the caller.
@@ -38,6 +40,8 @@ from .config import MAX_BATCH_SIZE, MAX_BATCH_TOKENS, MAX_QUEUED_TOKENS
 
 log = logging.getLogger("e5kit.server")
 
+LONE_JOB_FACTOR = 2  # a job alone may be expected to take up to this many times max_queue_wait
+
 
 class QueueFull(RuntimeError):
     """Admitting this job now would break the wait bound (or the token cap)."""
@@ -49,12 +53,12 @@ class QueueFull(RuntimeError):
 
 
 class TooManyTokens(ValueError):
-    """The job alone is larger than the whole queue may ever hold."""
+    """The job alone is more than this server ever admits (not retryable: split it)."""
 
-    def __init__(self, n_tokens: int, limit: int):
-        self.n_tokens, self.limit = n_tokens, limit
-        super().__init__(f"the request has {n_tokens} tokens, more than this server queues at once ({limit}); "
-                         f"split it into smaller requests")
+    def __init__(self, n_tokens: int, at_least: bool, why: str):
+        self.n_tokens = n_tokens
+        super().__init__(f"the request has {'at least ' if at_least else ''}{n_tokens} tokens, {why}; "
+                         "split it into smaller requests")
 
 
 class ShuttingDown(RuntimeError):
@@ -180,15 +184,24 @@ class Batcher:
         rate = self._rate.tokens_per_s
         return (queued + n_tokens) / rate if rate > 0 else 0.0
 
-    def admit(self, n_tokens: int, queued: int | None = None) -> None:
-        """Raise :class:`QueueFull` unless a job of ``n_tokens`` may be queued now (see the module doc)."""
+    def admit(self, n_tokens: int, queued: int | None = None, at_least: bool = False) -> None:
+        """Raise :class:`TooManyTokens` if a job of ``n_tokens`` (``at_least``: or more) can never be
+        admitted, :class:`QueueFull` unless it may be queued now (see the module doc)."""
         queued = self._queued_tokens if queued is None else queued
+        rate = self._rate.tokens_per_s
+        if n_tokens > self.max_queued_tokens:
+            raise TooManyTokens(n_tokens, at_least, f"more than this server queues at once ({self.max_queued_tokens})")
+        most = LONE_JOB_FACTOR * self.max_queue_wait
+        if rate > 0 and n_tokens / rate > most:
+            raise TooManyTokens(n_tokens, at_least,
+                                f"which alone would take about {n_tokens / rate:.1f} s at this server's measured "
+                                f"{rate:.0f} tokens/s, more than the {most:g} s it allows one request "
+                                f"({LONE_JOB_FACTOR} x --max-queue-wait); requests of up to {int(most * rate)} tokens fit")
         if queued == 0:  # nothing ahead: the job can only wait for itself
             return
         wait = self.expected_wait(n_tokens, queued)
         over_cap = queued + n_tokens > self.max_queued_tokens
         if wait > self.max_queue_wait or over_cap:
-            rate = self._rate.tokens_per_s
             if over_cap:  # until enough of the queue has gone for this job to fit under the cap
                 free_in = (queued + n_tokens - self.max_queued_tokens) / rate if rate > 0 else 1.0
             else:
@@ -222,8 +235,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         seqs = [list(s) for s in seqs]
         n_tokens = sum(len(s) for s in seqs)
-        if n_tokens > self.max_queued_tokens:
-            raise TooManyTokens(n_tokens, self.max_queued_tokens)
         job = Job(seqs=seqs, loop=loop, future=loop.create_future(),
                   out=np.empty((len(seqs), self.engine.dim), dtype=np.float32), remaining=len(seqs),
                   untaken_tokens=n_tokens)
@@ -242,7 +253,7 @@ class Batcher:
 
     def check_room(self, min_tokens: int) -> None:
         """:meth:`admit` for a lower bound of a job's tokens (saves tokenizing a doomed request)."""
-        self.admit(min_tokens)
+        self.admit(min_tokens, at_least=True)
 
     def cancel(self, job: Job) -> None:
         """Drop the job's sequences that have not reached the model yet."""

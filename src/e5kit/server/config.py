@@ -38,10 +38,12 @@ class ServerConfig:
     max_wait_ms: float = _opt(2.0, "Longest wait for a batch to fill, in milliseconds.")
     max_queue_wait: float = _opt(5.0, "Admit a request only if its expected completion (queued tokens ahead plus "
                                       "its own, over the measured throughput) is within this many seconds; "
-                                      "otherwise 429 with Retry-After from the same estimate.")
+                                      "otherwise 429 with Retry-After from the same estimate. A request that "
+                                      "alone would take more than twice this is refused outright (split it).")
     max_queued_tokens: int = _opt(MAX_QUEUED_TOKENS, "Hard cap on tokens admitted but not yet embedded (429 beyond; "
                                                      "a single request over it is refused outright).")
-    tokenize_workers: int = _opt(2, "Threads that tokenize and serialize large responses (off the event loop).")
+    tokenize_workers: int = _opt(2, "Threads that parse large bodies, tokenize and serialize large responses for the "
+                                    "embedding routes (off the event loop; /tokenize has a thread of its own).")
     price_per_million: float = _opt(0.0, "USD per million tokens (metering).")
     # ---- connections (uvicorn) ----
     drain_timeout: float = _opt(30.0, "Seconds in-flight requests may take after SIGTERM; the rest get 503 + "

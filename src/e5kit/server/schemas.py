@@ -252,6 +252,6 @@ def _inline(schema: dict) -> dict:
     return walk(schema)
 
 
-__all__ = ["request_models", "RequestModels", "ErrorBody", "EmbeddingsResponse", "ChunkEmbedding", "EMBED_RESPONSE",
-           "SimilarityResponse", "TokenizeResponse", "ModelList", "ModelCard", "UsageReport", "Health", "Ready",
-           "error_doc", "body_doc", "INPUT_SHAPE_MSG"]
+__all__ = ["request_models", "RequestModels", "TokenId", "ErrorBody", "EmbeddingsResponse", "ChunkEmbedding",
+           "EMBED_RESPONSE", "SimilarityResponse", "TokenizeResponse", "ModelList", "ModelCard", "UsageReport", "Health",
+           "Ready", "error_doc", "body_doc", "INPUT_SHAPE_MSG"]

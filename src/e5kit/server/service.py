@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect
 
 from ..api import E5
@@ -44,11 +45,13 @@ from .batcher import Batcher, QueueFull, ShuttingDown, TooManyTokens
 from .config import ServerConfig
 from .errors import APIError
 from .metrics import Metrics
-from .schemas import INPUT_SHAPE_MSG, request_models
+from .schemas import INPUT_SHAPE_MSG, TokenId, request_models
 
 log = logging.getLogger("e5kit.server")
 
 OFF_LOOP_BYTES = 256 << 10  # bodies and responses larger than this are parsed / rendered in the pool
+IDS_CHUNK = 1 << 15  # token ids validated per call (each call holds the interpreter, and so the event loop)
+_IDS = TypeAdapter(list[TokenId])
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,10 @@ class EmbedService:
                 self.lookup.setdefault(a, sm)
         self.default = next(iter(self.served.values()))
         self.request_models = request_models(config)
-        self.pool = ThreadPoolExecutor(config.tokenize_workers, thread_name_prefix="e5kit-tokenize")
-        self._pool_cost = 0  # bytes of work queued or running in the pool
+        # The embedding routes' pool, and /tokenize's own (one thread): a /tokenize backlog never
+        # delays the tokenization of requests to embed. Each bounds its backlog.
+        self.pool = BoundedPool(config.tokenize_workers, 2 * config.max_body_bytes, "e5kit-tokenize")
+        self.tokenize_pool = BoundedPool(1, 2 * config.max_body_bytes, "e5kit-tokenize-route")
 
     # ---- lifecycle ----
 
@@ -143,6 +148,9 @@ class EmbedService:
         for sm in self.served.values():
             sm.batcher.start()
         for sm in self.served.values():  # each worker measures its throughput once before serving
+            # The untruncated tokenizer (counts for truncate=false errors) is built now: building it holds
+            # the interpreter for up to ~2 s with a 250k vocabulary, which must not happen mid-serving.
+            await asyncio.to_thread(sm.model.engine.untruncated_tokenizer)
             await asyncio.to_thread(sm.batcher.ready.wait)
         self.lifecycle.started = True
 
@@ -150,26 +158,20 @@ class EmbedService:
         self.lifecycle.draining = True
         for sm in self.served.values():
             await asyncio.to_thread(sm.batcher.stop, 60)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.pool, self.tokenize_pool):
+            pool.executor.shutdown(wait=False, cancel_futures=True)
 
-    # ---- the thread pool ----
+    # ---- the thread pools ----
 
-    async def run(self, fn: Callable, *args, cost: int = 0) -> Any:
-        """``fn(*args)`` on the pool. ``cost`` (bytes of input) counts against a backlog of twice the
-        body limit; beyond it the request gets 429 (the pool is shared by every route)."""
-        if self._pool_cost and self._pool_cost + cost > 2 * self.config.max_body_bytes:
-            raise APIError(429, "the server is busy tokenizing; retry in 1 s", code="queue_full",
-                           headers={"Retry-After": "1"})
-        self._pool_cost += cost
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-        finally:
-            self._pool_cost -= cost
+    async def run(self, fn: Callable, *args, cost: int = 0, pool: "BoundedPool | None" = None) -> Any:
+        """``fn(*args)`` on ``pool`` (default: the embedding routes' pool)."""
+        return await (pool or self.pool).run(fn, *args, cost=cost)
 
     # ---- bodies ----
 
-    async def parse(self, request: Request, cls: type[BaseModel], input_fields: Sequence[str] = ()) -> Any:
-        """The body as ``cls``, or an APIError that names the first problem."""
+    async def parse(self, request: Request, cls: type[BaseModel], input_fields: Sequence[str] = (),
+                    pool: "BoundedPool | None" = None) -> Any:
+        """The body as ``cls``, or an APIError that names the first problem (large bodies: in ``pool``)."""
         ctype = request.headers.get("content-type")
         if ctype is not None:
             mime = ctype.split(";")[0].strip().lower()
@@ -183,7 +185,7 @@ class EmbedService:
             raise APIError(408, f"the request body did not arrive within {self.config.request_timeout:g} s",
                            code="request_timeout")
         if len(raw) > OFF_LOOP_BYTES:
-            return await self.run(_decode, raw, cls, input_fields, self.config.max_inputs, cost=len(raw))
+            return await self.run(_decode, raw, cls, input_fields, self.config.max_inputs, cost=len(raw), pool=pool)
         return _decode(raw, cls, input_fields, self.config.max_inputs)
 
     async def _read(self, request: Request) -> bytes:
@@ -223,18 +225,28 @@ class EmbedService:
 
     # ---- the pipeline ----
 
-    def admit(self, sm: ServedModel, at_least: int) -> None:
+    @contextmanager
+    def admission(self, sm: ServedModel):
+        """The batcher's refusals as HTTP errors: 429 + Retry-After (busy now), 413 (never: split it;
+        400 on /v1)."""
         try:
-            sm.batcher.check_room(at_least)
+            yield
         except QueueFull as e:
             self.metrics.rejected.labels(sm.name).inc()
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
+        except TooManyTokens as e:
+            raise APIError(413, str(e), code="too_many_tokens")
+
+    def admit(self, sm: ServedModel, at_least: int) -> None:
+        with self.admission(sm):
+            sm.batcher.check_room(at_least)
 
     async def prepare(self, sm: ServedModel, texts: list[str] | None, ids: list[list[int]] | None,
                       input_type: str | None, task: str | None, truncate: bool | None, param: str,
                       embed: bool = True) -> Prepared:
-        """Admission on a cheap lower bound of the tokens (when the inputs are to be embedded), then
-        the model's own prepare, in the pool (whose backlog is bounded too)."""
+        """Admission on a cheap lower bound of the tokens, then the model's own prepare, in the pool
+        (whose backlog is bounded too). ``embed=False`` (/tokenize): no model admission, the tokens'
+        spans too, in /tokenize's own pool."""
         truncate = self.config.auto_truncate if truncate is None else truncate
         limit = sm.model.max_tokens
         if embed and ids is not None:
@@ -247,7 +259,8 @@ class EmbedService:
                     return await self.run(_prepare_ids, sm.model, ids, truncate, cost=8 * sum(map(len, ids)))
                 return _prepare_ids(sm.model, ids, truncate)
             return await self.run(_prepare, sm.model, texts, input_type or self.config.default_input_type, task,
-                                  truncate, cost=sum(map(len, texts)))
+                                  truncate, not embed, cost=sum(map(len, texts)),
+                                  pool=None if embed else self.tokenize_pool)
         except InputTooLongError as e:
             raise APIError(422, f"'{param}' item {e.index} has {e.n_tokens} tokens, more than the model's limit of "
                                 f"{e.limit}; shorten it or send truncate=true", param=param, code="input_too_long")
@@ -270,12 +283,8 @@ class EmbedService:
         503 when the drain after SIGTERM runs out first.
         """
         try:
-            job = sm.batcher.submit(prepared.ids)
-        except QueueFull as e:
-            self.metrics.rejected.labels(sm.name).inc()
-            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
-        except TooManyTokens as e:
-            raise APIError(413, str(e), code="too_many_tokens")
+            with self.admission(sm):
+                job = sm.batcher.submit(prepared.ids)
         except ShuttingDown as e:
             raise APIError(503, str(e), "server_error", code="not_ready", headers={"Retry-After": "5"})
         watchers = {asyncio.ensure_future(_wait_disconnect(request))}
@@ -315,6 +324,24 @@ class EmbedService:
         return await self.run(fn, *args, cost=size_hint) if size_hint > OFF_LOOP_BYTES else fn(*args)
 
 
+class BoundedPool:
+    """A thread pool whose backlog (bytes of input queued or running) is bounded: beyond it, 429."""
+
+    def __init__(self, workers: int, limit: int, name: str):
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self.limit, self.cost = limit, 0
+
+    async def run(self, fn: Callable, *args, cost: int = 0) -> Any:
+        if self.cost and self.cost + cost > self.limit:
+            raise APIError(429, "the server is busy tokenizing; retry in 1 s", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.cost += cost
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.cost -= cost
+
+
 async def _wait_disconnect(request: Request) -> None:
     # The body is consumed, so the next ASGI message is http.disconnect when the client goes away.
     while True:
@@ -348,7 +375,11 @@ def _decode(raw: bytes, cls: type[BaseModel], input_fields: Sequence[str], max_i
         raise APIError(400, f"'{bad}' is not valid Unicode (it holds a lone surrogate)", param=bad,
                        code="invalid_encoding")
     try:
-        return cls.model_validate(data)
+        long_ids = _cut_long_ids(data, input_fields, max_inputs)
+        req = cls.model_validate(data)
+        for name, value in long_ids.items():  # checked in full by _cut_long_ids
+            setattr(req, name, value)
+        return req
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
         param = str(errors[0]["loc"][0]) if errors[0].get("loc") else None
@@ -357,6 +388,30 @@ def _decode(raw: bytes, cls: type[BaseModel], input_fields: Sequence[str], max_i
         raise validation_error(errors)
     except RecursionError:
         raise APIError(422, "request body is nested too deeply", code="invalid_json")
+
+
+def _cut_long_ids(data: dict, fields: Sequence[str], max_inputs: int) -> dict[str, Any]:
+    """Token-id lists in ``fields`` longer than IDS_CHUNK: their tails checked here chunk by chunk, then cut
+    from ``data`` (the full values returned, to put back after validation). One pydantic call over a
+    16 MB body's 8M ids would hold the interpreter ~0.4 s; chunks let the event loop in between."""
+    full = {}
+    for name in fields:
+        v = data.get(name)
+        if not isinstance(v, list) or not v:
+            continue
+        flat = isinstance(v[0], int)
+        lists = [v] if flat else v
+        if not any(isinstance(s, list) and len(s) > IDS_CHUNK for s in lists):
+            continue
+        for s in lists:
+            for i in range(IDS_CHUNK, len(s) if isinstance(s, list) else 0, IDS_CHUNK):
+                try:
+                    _IDS.validate_python(s[i:i + IDS_CHUNK])
+                except ValidationError:
+                    explain_inputs(v, name, max_inputs)  # raises the precise error
+        cut = [s[:IDS_CHUNK] if isinstance(s, list) else s for s in lists]
+        full[name], data[name] = v, cut[0] if flat else cut
+    return full
 
 
 def _surrogate_field(data: dict) -> str | None:
@@ -445,8 +500,8 @@ def split_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
     return None, [list(s) for s in value]
 
 
-def _prepare(model: E5, texts: list[str], input_type: str, task: str | None, truncate: bool) -> Prepared:
-    return model.prepare(texts, input_type, task=task, truncate=truncate)
+def _prepare(model: E5, texts: list[str], input_type: str, task: str | None, truncate: bool, spans: bool) -> Prepared:
+    return model.prepare(texts, input_type, task=task, truncate=truncate, spans=spans)
 
 
 def _prepare_ids(model: E5, ids: list[list[int]], truncate: bool) -> Prepared:

@@ -77,12 +77,13 @@ def router(service: EmbedService, authenticate) -> APIRouter:
     @r.post("/tokenize", summary="The exact text the model sees (after the prefix) and its tokens with offsets",
             openapi_extra=body_doc(models.tokenize), responses={200: {"model": TokenizeResponse}, **NATIVE_ERRORS})
     async def tokenize(request: Request, identity: Identity = Depends(authenticate)):
-        req = await service.parse(request, models.tokenize, ("inputs",))
+        # Parsing, tokenizing and rendering in /tokenize's own bounded pool, apart from the embedding routes'.
+        req = await service.parse(request, models.tokenize, ("inputs",), pool=service.tokenize_pool)
         sm = service.pick(request, req.model)
         texts, _ = split_inputs(req.inputs)
         p = await service.prepare(sm, texts, None, req.input_type, req.task, req.truncate, "inputs", embed=False)
-        body = await service.run(_tokenize_json, sm.model, p, sm.name, config.max_response_bytes,
-                                 cost=sum(map(len, p.texts)))
+        body = await service.run(_tokenize_json, p, sm.name, config.max_response_bytes,
+                                 cost=sum(map(len, p.texts)), pool=service.tokenize_pool)
         return Response(body, media_type="application/json")
 
     return r
@@ -122,15 +123,14 @@ def _chunks_json(out: ChunkedEmbeddings, n_texts: int) -> bytes:
     return ("[" + ",".join("[" + ",".join(p) + "]" for p in per) + "]").encode()
 
 
-def _tokenize_json(model, p: Prepared, name: str, limit: int) -> bytes:
-    """Per input: the text the model sees and its tokens (the ids are ``p.ids``), built item by item
-    and refused with 413 as soon as it would pass ``limit`` bytes."""
-    encs = model.engine.tokenizer.encode_batch(p.texts, add_special_tokens=True)
+def _tokenize_json(p: Prepared, name: str, limit: int) -> bytes:
+    """Per input: the text the model sees and its tokens (``p.ids`` with ``p.spans``), built item by
+    item and refused with 413 as soon as it would pass ``limit`` bytes."""
     cut = set(p.truncated)
     parts, size = [], 0
-    for i, (text, e) in enumerate(zip(p.texts, encs)):
-        tokens = [{"id": tid, "text": piece, "start": s, "stop": t, "special": bool(sp)}
-                  for tid, piece, (s, t), sp in zip(e.ids, e.tokens, e.offsets, e.special_tokens_mask)]
+    for i, (text, ids, sp) in enumerate(zip(p.texts, p.ids, p.spans)):
+        tokens = [{"id": tid, "text": piece, "start": s, "stop": t, "special": special}
+                  for tid, piece, (s, t), special in zip(ids, sp.pieces, sp.offsets, sp.special)]
         part = json.dumps({"index": i, "text": text, "truncated": i in cut, "tokens": tokens}, ensure_ascii=False)
         size += len(part)
         if size > limit:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 
 from ..errors import error_response
 from ..schemas import Health, Ready, error_doc
@@ -28,8 +28,10 @@ def router(service: EmbedService, authenticate) -> APIRouter:
                                   headers={"Retry-After": "1"})
         return {"status": "ready", "models": list(service.served)}
 
-    @r.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-           responses={200: {"description": "Prometheus text format"}, **error_doc(401)})
+    # response_class=Response: the 200 is text/plain while the 401 stays JSON (ErrorBody) in the document.
+    @r.get("/metrics", summary="Prometheus metrics", response_class=Response,
+           responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {
+               "type": "string"}}}}, **error_doc(401)})
     async def metrics(identity: Identity = Depends(authenticate)):
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
