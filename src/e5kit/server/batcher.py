@@ -204,8 +204,10 @@ class Batcher:
         if wait > self.max_queue_wait or over_cap:
             if over_cap:  # until enough of the queue has gone for this job to fit under the cap
                 free_in = (queued + n_tokens - self.max_queued_tokens) / rate if rate > 0 else 1.0
-            else:  # when what is queued now is done; only the excess over the bound would bring every
-                free_in = wait  # refused client back within a second, in a crowd whose refusals cost the engine
+            else:
+                # when what is queued now is done: the excess over the bound alone (often 1 s) brings every
+                # refused client back at once, and their refusals then cost the engine its throughput
+                free_in = wait
             raise QueueFull(queued, wait, self.max_queue_wait, int(min(60, max(1, math.ceil(free_in)))))
 
     # ---- lifecycle -----------------------------------------------------------------------

@@ -313,11 +313,9 @@ class EmbedService:
             raise APIError(500, "the model produced non-finite values", "server_error")
         return out
 
-    async def meter(self, identity: Identity, sm: ServedModel, prepared: Prepared, n_inputs: int | None = None) -> int:
+    async def meter(self, identity: Identity, sm: ServedModel, prepared: Prepared, n_inputs: int | None = None) -> None:
         """Record the request's usage (inputs: the client's inputs, default one per prepared sequence)."""
-        n = prepared.n_tokens
-        await self.meter_hook(identity, sm.name, len(prepared.ids) if n_inputs is None else n_inputs, n)
-        return n
+        await self.meter_hook(identity, sm.name, len(prepared.ids) if n_inputs is None else n_inputs, prepared.n_tokens)
 
     async def render(self, fn: Callable[..., bytes], *args, size_hint: int = 0) -> bytes:
         """A response body built by ``fn``; in the pool when large."""

@@ -85,9 +85,9 @@ def database_errors(database_url: str):
             shown = make_url(database_url).render_as_string(hide_password=True)
         except SQLAlchemyError:
             shown = "(unparsable URL)"
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = str(getattr(e, "orig", None) or e).strip().splitlines()
         raise click.ClickException(f"cannot open the account database {shown}: {type(e).__name__}"
-                                   + (f" ({reason})" if reason else ""))
+                                   + (f" ({lines[0]})" if lines else ""))
 
 
 def _db(database_url):
