@@ -276,11 +276,11 @@ class Batcher:
         while self._pending:
             job, row, _ = self._pending[0]
             if job.cancelled:
-                self._pending.popleft()
                 if not job.done:  # its client went away (a failed job's leftovers are not counted)
                     self.dropped += 1
                     if self.on_drop is not None:
                         self.on_drop(1)
+                self._pending.popleft()  # after counting: an empty queue means every drop is counted
                 continue
             n = len(job.seqs[row])
             if window and tokens + n > self.max_batch_tokens:
