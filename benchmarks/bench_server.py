@@ -300,7 +300,7 @@ def main() -> None:
     ap.add_argument("--retry", choices=RETRY_POLICIES, default="honour",
                     help="after a 429: wait Retry-After + jitter (honour, as the openai client) or 50 ms (hostile)")
     ap.add_argument("--health-probe", action="store_true", help="also measure /health under a /tokenize attack")
-    ap.add_argument("--src", type=Path, default=ROOT / "src", help="src/ of the code the health probe serves")
+    ap.add_argument("--src", type=Path, default=ROOT / "src", help="src/ the servers run (e.g. an older commit's worktree)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--dtype", default=None, help="--dtype for the server and the offline engine (e.g. bfloat16)")
     ap.add_argument("--backend", default="auto", help="--backend for the server and the offline engine")
@@ -323,7 +323,7 @@ def main() -> None:
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     clients_list = [int(c) for c in args.clients.split(",") if c]
     if clients_list:
-        server = Server(model, model_args, logdir / "bench_server.log")
+        server = Server(model, model_args, logdir / "bench_server.log", args.src)
         try:
             for k, size in enumerate(int(s) for s in args.sizes.split(",")):
                 if k == 0:
@@ -358,7 +358,7 @@ def main() -> None:
         long_engine = OfflineEngine(model, long_texts, args.dtype, args.backend)
         before = long_engine.tokens_per_s(offline_s)
         ov_server = Server(model, [*model_args, "--max-queue-wait", str(args.max_queue_wait)],
-                           logdir / "bench_server_overload.log")
+                           logdir / "bench_server_overload.log", args.src)
         try:
             ov = asyncio.run(load(ov_server.url, long_texts, args.overload_clients, args.overload_size,
                                   args.overload_duration, ov_server, args.retry))

@@ -34,9 +34,10 @@ def ml_app(ml_e5):
 @pytest.fixture
 def gate(ml_app, monkeypatch):
     """Hold the worker inside its next forward pass until released (the measured rate, which would count
-    the held time as forward time, is restored afterwards)."""
+    the held time as forward time, is restored afterwards; earlier refusals' promises are cleared)."""
     batcher = ml_app.service.served["ml"].batcher
     monkeypatch.setattr(batcher, "_rate", copy.deepcopy(batcher._rate))
+    monkeypatch.setattr(batcher, "_horizon", 0.0)  # no Retry-After promises left from earlier tests
     engine = ml_app.service.served["ml"].model.engine
     entered, release = threading.Event(), threading.Event()
     real = engine.forward

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -74,6 +75,25 @@ def test_admission_arithmetic(engine):
     with pytest.raises(QueueFull) as e:
         b.admit(1000, queued=6000)  # 7 s: 5 s over the bound
     assert e.value.retry_after == 7
+    # Refused jobs count for the next refusal's Retry-After as if queued: returns spread out over the
+    # time the engine needs to serve them (not all at once when the queue is done), capped at 60 s.
+    # The horizon shapes Retry-After only: admission still looks at the real queue.
+    b._horizon = 0.0
+    retry = []
+    for _ in range(4):
+        with pytest.raises(QueueFull) as e:
+            b.admit(1000, queued=3000)  # 4 s each, then 5, 6, 7 s (each 1 s more than the last)
+        retry.append(e.value.retry_after)
+    assert retry == [4, 5, 6, 7]
+    b.admit(1000, queued=1000)  # within the bound: admitted whatever was promised before
+    for _ in range(60):
+        with pytest.raises(QueueFull) as e:
+            b.admit(1000, queued=3000)
+    assert e.value.retry_after == 60
+    b._horizon = time.monotonic() - 1  # the promises have expired
+    with pytest.raises(QueueFull) as e:
+        b.admit(1000, queued=3000)
+    assert e.value.retry_after == 4
     b.max_queue_wait = 100.0
     with pytest.raises(QueueFull) as e:
         b.admit(5000, queued=8000)  # over the token cap: until 3000 tokens have gone, 3 s

@@ -12,7 +12,8 @@ Admission by expected wait: the worker measures its throughput (tokens per secon
 time, over recent full batches; one calibration pass at start seeds it). A job is admitted only if
 the tokens queued ahead of it plus its own, at that rate, are done within ``max_queue_wait``
 seconds (or nothing is queued ahead of it); otherwise :class:`QueueFull` carries a Retry-After from
-the same estimate. ``max_queued_tokens`` stays a hard cap. A job that alone is larger than the cap, or
+the same estimate, counting the jobs refused before it as if queued (so the refused come back spread
+out, not all at once when the queue is done). ``max_queued_tokens`` stays a hard cap. A job that alone is larger than the cap, or
 alone would take more than ``LONE_JOB_FACTOR`` x ``max_queue_wait`` at the measured rate, can never be
 admitted within the bound: :class:`TooManyTokens` (the factor leaves room for a noisy estimate, so a
 job just over the bound on a slow measurement is not refused for good). A cancelled job (its client
@@ -41,6 +42,7 @@ from .config import MAX_BATCH_SIZE, MAX_BATCH_TOKENS, MAX_QUEUED_TOKENS
 log = logging.getLogger("e5kit.server")
 
 LONE_JOB_FACTOR = 2  # a job alone may be expected to take up to this many times max_queue_wait
+RETRY_AFTER_MAX = 60  # seconds (the openai client gives up on a Retry-After over 2 minutes)
 
 
 class QueueFull(RuntimeError):
@@ -157,6 +159,7 @@ class Batcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._rate = _Throughput()
+        self._horizon = 0.0  # monotonic time when the jobs refused so far could be done (see _promise)
         self.dropped = 0
 
     # ---- state ---------------------------------------------------------------------------
@@ -205,10 +208,25 @@ class Batcher:
             if over_cap:  # until enough of the queue has gone for this job to fit under the cap
                 free_in = (queued + n_tokens - self.max_queued_tokens) / rate if rate > 0 else 1.0
             else:
-                # when what is queued now is done: the excess over the bound alone (often 1 s) brings every
-                # refused client back at once, and their refusals then cost the engine its throughput
-                free_in = wait
-            raise QueueFull(queued, wait, self.max_queue_wait, int(min(60, max(1, math.ceil(free_in)))))
+                free_in = self._promise(n_tokens, wait)
+            raise QueueFull(queued, wait, self.max_queue_wait, int(min(RETRY_AFTER_MAX, max(1, math.ceil(free_in)))))
+
+    def _promise(self, n_tokens: int, wait: float) -> float:
+        """Seconds until a refused job could be done: after what is queued now and after the jobs refused
+        before it, which were told to come back earlier (the first of them when the queue is done).
+
+        Telling every refused client "when the queue is done" brings them all back at once, and nearly
+        all are refused again: under 512 clients the refusals alone took ~40% of a 2-core machine. Each
+        promise pushes the horizon by the job's own time at the measured rate, so the returns spread
+        over the time the engine needs to serve them. The horizon only shapes Retry-After, never
+        admission, and is capped (a client retrying against its Retry-After cannot push it far).
+        """
+        now = time.monotonic()
+        rate = self._rate.tokens_per_s
+        with self._cond:
+            start = max(now + wait - n_tokens / rate, self._horizon)
+            self._horizon = min(start + n_tokens / rate, now + RETRY_AFTER_MAX)
+            return self._horizon - now
 
     # ---- lifecycle -----------------------------------------------------------------------
 
