@@ -148,6 +148,7 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
     statuses: dict[int, int] = {}
     tokens = 0
     errors = 0
+    kinds: dict[str, int] = {}  # what the errors were
     in_flight = 0
     rss: list[float] = []
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
@@ -169,8 +170,9 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
                 try:
                     r = await c.post("/v1/embeddings", json={"model": "bench", "input": batch,
                                                             "input_type": "passage", "encoding_format": "base64"})
-                except httpx.HTTPError:
+                except httpx.HTTPError as e:
                     errors += 1
+                    kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
                     continue
                 finally:
                     in_flight -= 1
@@ -183,6 +185,7 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
                     await asyncio.sleep(retry_delay(r, retry))
                 else:
                     errors += 1
+                    kinds[f"HTTP {r.status_code}"] = kinds.get(f"HTTP {r.status_code}", 0) + 1
 
         tasks = [asyncio.create_task(sample_rss())] + [asyncio.create_task(client(k)) for k in range(clients)]
         await asyncio.sleep(duration)
@@ -198,7 +201,7 @@ async def load(url: str, texts: list[str], clients: int, per_request: int, durat
         "requests_ok": ok, "req_per_s": ok / duration, "tokens_per_s": tokens / duration,
         "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
-        "errors": errors, "status_429": statuses.get(429, 0), "unanswered_at_end": unanswered,
+        "errors": errors, "error_kinds": kinds, "status_429": statuses.get(429, 0), "unanswered_at_end": unanswered,
         "rss_start_mb": rss[0] if rss else float("nan"), "rss_end_mb": rss[-1] if rss else float("nan"),
         "rss_peak_mb": max(rss) if rss else float("nan"),
         "rss_quartiles_mb": [rss[min(len(rss) - 1, int(q * (len(rss) - 1)))] for q in (0, .25, .5, .75, 1)] if rss else [],
@@ -371,7 +374,8 @@ def main() -> None:
         print(f"overload ({args.overload_clients} clients x {args.overload_size} long texts, {args.overload_duration:.0f} s, "
               f"--max-queue-wait {args.max_queue_wait}, --retry {args.retry}): {ov['requests_ok']} ok, "
               f"{ov['status_429']} answered 429 "
-              f"({ov['status_429'] / max(1, answered):.0%} of answers), {ov['errors']} other errors; admitted p50 "
+              f"({ov['status_429'] / max(1, answered):.0%} of answers), {ov['errors']} other errors "
+              f"{ov['error_kinds']}; admitted p50 "
               f"{ov['p50_ms']:.0f} ms p99 {ov['p99_ms']:.0f} ms (target p99 <= {2000 * args.max_queue_wait:.0f} ms); "
               f"{ov['tokens_per_s']:.0f} tokens/s = {ov['tokens_per_s'] / ((before + after) / 2):.0%} of the engine "
               f"offline on the same texts ({before:.0f} / {after:.0f} before / after); RSS at 0/25/50/75/100% "
