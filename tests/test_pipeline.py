@@ -45,6 +45,9 @@ def test_prepare_ids_and_max_tokens(tiny_bert):
         m.prepare([long], "passage", max_tokens=16, truncate=False)
     q = m.prepare_ids(p.ids, max_tokens=8)
     assert q.texts is None and q.truncated == [0] and len(q.ids[0]) == 8 and q.ids[1] == p.ids[1]
+    # cut ids keep their closing [SEP], as cut text does: the same ids as the text cut at 8
+    assert q.ids[0] == m.prepare([long], "passage", max_tokens=8).ids[0]
+    assert m.prepare_ids([p.ids[0][:-1]], max_tokens=8).ids[0] == p.ids[0][:8]  # no [SEP] at the end: a plain cut
     with pytest.raises(ValueError, match="outside the vocabulary"):
         m.prepare_ids([[10**9]])
 

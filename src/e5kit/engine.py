@@ -246,10 +246,15 @@ class Engine:
 
     def check_ids(self, seqs: Sequence[Sequence[int]], truncate: bool = True,
                   max_tokens: int | None = None) -> Tokenized:
-        """Validate caller-supplied token ids (vocabulary range, length) and cut them if allowed."""
+        """Validate caller-supplied token ids (vocabulary range, length) and cut them if allowed.
+
+        A sequence that ends with the model's closing special token keeps it when cut, as the
+        tokenizer cuts text (the ids of a long text cut here equal the text's own cut ids).
+        """
         out, cut = [], []
         vocab = self.config.vocab_size
         limit = self._limit(max_tokens)
+        close = self.tokenize([""]).ids[0][-1:] if seqs else []  # [SEP] or </s>; none for a bare vocabulary
         for i, s in enumerate(seqs):
             s = list(s)
             if not s:
@@ -260,7 +265,8 @@ class Engine:
             if len(s) > limit:
                 if not truncate:
                     raise InputTooLongError(i, len(s), limit)
-                s, _ = s[:limit], cut.append(i)
+                s = s[:limit - 1] + s[-1:] if close and s[-1] == close[0] else s[:limit]
+                cut.append(i)
             out.append(s)
         return Tokenized(ids=out, truncated=cut)
 
