@@ -237,6 +237,24 @@ def test_long_mean_and_chunk_alias(tmp_path, tiny_bert):
     assert r.exit_code != 0 and "interrupted build of different settings" in r.output
 
 
+def test_chunked_ivfpq_too_small_keeps_the_embedded_chunks(tmp_path, tiny_bert):
+    """A chunked index's vector count is known only after chunking: IVF-PQ on too few chunks fails after
+    embedding, with the vectors kept staged, and a rerun with another index type reuses them."""
+    corpus = write_corpus(tmp_path / "c.jsonl", long_docs())
+    out = tmp_path / "ix"
+    common = ["--out", str(out), "-m", str(tiny_bert), "--chunk", "--chunk-overlap", "16", "--part-size", "4", *FIELDS]
+    r = invoke("index", "build", str(corpus), "--index-type", "ivfpq", *common)
+    assert r.exit_code != 0 and "needs at least 256 vectors" in r.output and " chunks. Use" in r.output, r.output
+    assert "are kept in" in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in (out / ".build").glob("part-*.npz")) == ["part-000000.npz", "part-000001.npz"]
+    r = invoke("index", "build", str(corpus), "--index-type", "hnsw", *common)
+    assert r.exit_code == 0, r.output
+    assert "resuming: 2 of 2 parts (6 documents) already embedded" in r.output
+    fresh = invoke("index", "build", str(corpus), "--index-type", "hnsw", *common[2:], "--out", str(tmp_path / "fresh"))
+    assert fresh.exit_code == 0 and "resuming" not in fresh.output, fresh.output
+    assert_same_index(out, tmp_path / "fresh")  # as if built in one go
+
+
 def test_sinks_lancedb_and_index_copy(tmp_path, tiny_bert):
     pytest.importorskip("lancedb")
     from e5kit.stores import open_store

@@ -222,19 +222,22 @@ def build_index(
         "fields": [corpus.fmt, corpus.id_field, corpus.title_field, corpus.text_field,
                    list(corpus.metadata_fields), corpus.store_text],
         "model": model.name, "model_fingerprint": model_fingerprint(model), "prompt_style": model.prompt_style,
-        "part_size": part_size, "index_options": index_options, "long": long,
+        "part_size": part_size, "long": long,
         "chunk_overlap": chunk_overlap if long != "truncate" else None,
-    }
+    }  # what the staged vectors depend on (not the index options: a rerun may change those and reuse them)
     if (out / MANIFEST).exists() and not staging.exists() and not force:
         raise CorpusError(f"{out} already holds a finished index; pass --force to rebuild it")
     n_docs = corpus.scan()  # a bad corpus fails here, before anything is written
-    # impossible index settings fail here too (a chunked index's vector count is known only once chunked)
+    # impossible index settings fail here too (a chunked index's vector count is known only once chunked:
+    # if it is too small for them, the embedded parts stay staged for a rerun with other options)
     check_index_options(index_options, n_docs if long != "chunks" else None, model.dim)
     if staging.exists():
         try:
             old = json.loads((staging / "state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
+        if isinstance(old, dict):
+            old.pop("index_options", None)  # older builds kept it; the vectors do not depend on it
         if old != state:
             if not force:
                 what = ("a different corpus file or version" if old and old.get("corpus") != state["corpus"]
@@ -362,9 +365,9 @@ def check_index_options(options: dict, n_vectors: int | None, dim: int) -> None:
     """Raise ValueError now for index settings that could only fail after the corpus is embedded
     (``n_vectors``: how many the index will hold, None if not known yet)."""
     check_options(options.get("kind", "exact"), options.get("storage", "float32"), options.get("metric", "cosine"))
-    if options.get("kind") == "ivfpq" and n_vectors is not None:
+    if options.get("kind") == "ivfpq":
         params = {"nlist": options.get("nlist"), "pq_m": options.get("pq_m"), "pq_bits": options.get("pq_bits", 8)}
-        ivfpq_shape(n_vectors, dim, params)
+        ivfpq_shape(1 << 40 if n_vectors is None else n_vectors, dim, params)  # unknown count: pq_m only
 
 
 __all__ = ["Corpus", "CorpusError", "Document", "EmbeddedRows", "build_index", "embed_documents", "check_index_options",

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..cli import load_model, model_options
-from .build import FORMATS, Corpus, CorpusError, build_index, check_index_options
+from .build import FORMATS, STAGING, Corpus, CorpusError, build_index, check_index_options
 from .faiss_backends import TooFewVectorsError
 from .storage import IndexFileError
 
@@ -102,9 +102,12 @@ def build(corpus, out, fmt, id_field, title_field, text_field, metadata_fields, 
                 click.echo(f"loaded {r['rows']} rows into {uri} ({r['rows_per_s']:,.0f} rows/s, index "
                            f"{r['index_seconds']:.1f} s)", err=True)
     except TooFewVectorsError as e:
+        staged = Path(out) / STAGING
+        kept = (f" The embedded vectors are kept in {staged}: rerun with other index options to use them without "
+                "embedding again." if staged.is_dir() else "")
         raise click.ClickException(f"--index-type ivfpq needs at least {e.needed} vectors to train its quantisers; "
-                                   f"the corpus gives {e.have}. Use --index-type exact or hnsw for a corpus this "
-                                   f"small")
+                                   f"the corpus gives {e.have}{' chunks' if long_mode == 'chunks' else ''}. Use "
+                                   f"--index-type exact or hnsw for a corpus this small.{kept}")
     except (CorpusError, IndexFileError, StoreError, ValueError) as e:
         raise click.ClickException(str(e))
 
