@@ -132,6 +132,19 @@ def _run(app, sock: socket.socket, config: ServerConfig, auth: str, access_log: 
 
     from .middleware import RedactFilter, header_timeout_protocol
 
+    import gc
+    import sys
+
+    # The event loop shares the interpreter with the threads that parse, tokenize and render large
+    # bodies. Each time the loop blocks on a socket it must win the GIL back, waiting up to the switch
+    # interval (5 ms by default) every time: a few such waits per request put /health at ~100 ms under
+    # a /tokenize attack. A shorter interval hands the GIL back sooner (this is the serve process's
+    # own setting; the library never changes it).
+    sys.setswitchinterval(0.001)
+    # What is alive now (modules, the model, the app) lives as long as the process: kept out of the
+    # collector's full passes, which otherwise walk it all (~0.1 s holding the GIL) as requests allocate.
+    gc.collect()
+    gc.freeze()
     host, port = sock.getsockname()[:2]
     log.info("limits: %s", config.describe())
     log.info("torch threads %d; auth: %s", torch.get_num_threads(), auth)
