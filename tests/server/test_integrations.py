@@ -87,5 +87,9 @@ def test_token_ids_from_another_tokenizer_are_refused(tiny_server, tiny_bert):
     r = c.post(url, json={"input": [own, own[1:-1]], "model": "tiny"}, headers=h)
     assert r.status_code == 400 and r.json()["error"]["code"] == "foreign_token_ids"
     assert "item 1" in r.json()["error"]["message"] and "check_embedding_ctx_length" in r.json()["error"]["message"]
+    # a foreign list that happens to start with the [CLS] id is caught by its end; so is [CLS] alone
+    for foreign in (own[:1] + own[1:-1], own[:1]):
+        r = c.post(url, json={"input": [own, foreign], "model": "tiny"}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "foreign_token_ids", r.text
     ok = c.post(url, json={"input": [own], "model": "tiny"}, headers=h)
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1

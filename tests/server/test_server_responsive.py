@@ -64,8 +64,8 @@ def test_health_stays_fast_under_big_requests(tiny_bert, tmp_path):
     text = " ".join(WORDS[i % len(WORDS)] for i in range(700))  # ~5 KB, over 512 tokens
     big = json.dumps({"inputs": [f"{i} {text}" for i in range(1200)]}).encode()  # ~6 MB
     small = json.dumps({"inputs": [f"{i} {text}" for i in range(20)]}).encode()
-    cls = E5(str(tiny_bert)).prepare([""]).ids[0][0]  # the model's own ids start with its [CLS]
-    ids = json.dumps({"input": [[cls] + [5 + (i % 50)] * 511 for i in range(2000)]}).encode()  # ~3 MB of token ids
+    cls, sep = E5(str(tiny_bert)).prepare([""]).ids[0]  # the model's own ids: [CLS] ... [SEP]
+    ids = json.dumps({"input": [[cls] + [5 + (i % 50)] * 510 + [sep] for i in range(2000)]}).encode()  # ~3 MB of ids
     results: dict[str, list] = {"big": [], "ids": [], "small": []}
 
     def send(kind, path, body, n):
@@ -98,7 +98,7 @@ def test_health_stays_fast_under_big_requests(tiny_bert, tmp_path):
         assert lat[-1] < 1.0, lat[-5:]
         # The largest body the server takes (16 MiB): one input of 8M token ids (cut to 512).
         results["ids"].clear()
-        huge = ('{"input": [' + str(cls) + ",5" * (8_000_000 - 1) + "]}").encode()
+        huge = ('{"input": [' + str(cls) + ",5" * (8_000_000 - 2) + f",{sep}]}}").encode()
         assert len(huge) <= 16 << 20
         lat = _probe_while(server, [send("ids", "/v1/embeddings", huge, 1)], tmp_path)
         assert [(s, b["usage"]["total_tokens"]) for s, b in results["ids"]] == [(200, 512)]

@@ -509,14 +509,18 @@ def _prepare_ids(model: E5, ids: list[list[int]], truncate: bool) -> Prepared:
 
 
 def _check_own_ids(seqs: Sequence[Sequence[int]], model: E5) -> None:
-    """Token ids must be the model's own, as /tokenize gives them: starting with its first special
-    token. Ids from another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken ids) would
-    otherwise be embedded as this vocabulary's tokens: wrong vectors, no error."""
-    first = model.prepare([""]).ids[0][:1]
-    bad = next((i for i, s in enumerate(seqs) if first and s[0] != first[0]), None)
+    """Token ids must be the model's own, as /tokenize gives them: between its opening and closing
+    special tokens ([CLS] ... [SEP], <s> ... </s>; a cut list keeps its closing one). Ids from
+    another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken ids) would otherwise be embedded
+    as this vocabulary's tokens: wrong vectors, no error."""
+    edges = model.prepare([""]).ids[0]  # the special tokens around an empty text
+    if len(edges) < 2:  # a bare vocabulary: nothing to check against
+        return
+    first, last = edges[0], edges[-1]
+    bad = next((i for i, s in enumerate(seqs) if s[0] != first or len(s) < 2 or s[-1] != last), None)
     if bad is not None:
-        raise APIError(400, f"input item {bad} does not start with this model's first special token (id "
-                            f"{first[0]}): token ids must be the model's own, as POST /tokenize returns them. Ids from "
+        raise APIError(400, f"input item {bad} does not start and end with this model's special tokens (ids {first} "
+                            f"and {last}): token ids must be the model's own, as POST /tokenize returns them. Ids from "
                             "another tokenizer embed as wrong vectors (LangChain's OpenAIEmbeddings sends tiktoken ids "
                             "unless check_embedding_ctx_length=False; better: e5kit.integrations.langchain); send text",
                        code="foreign_token_ids")
