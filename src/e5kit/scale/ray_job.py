@@ -220,6 +220,8 @@ def embed_corpus(
                                        batch_size=batch_size, max_batch_tokens=max_batch_tokens, long=long,
                                        chunk_overlap=chunk_overlap, fault=os.environ.get(FAULT_ENV)))
         n = 0
+        free = ray.available_resources().get("CPU", 0.0)
+        err = None
         try:
             for r in ds.iter_rows():
                 n += 1
@@ -231,10 +233,17 @@ def embed_corpus(
                 if on_shard is not None:
                     on_shard({k: int(v) if k != "seconds" else float(v) for k, v in r.items()})
         except Exception as e:
-            err = _user_error(e)
-            if err is not None:
-                raise err from None
-            raise
+            found = _user_error(e)
+            if found is None:
+                raise
+            err, found = CorpusInputError(str(found)), None  # a fresh error: it keeps nothing of the failed run alive
+        if err is not None:
+            # Ray Data releases a failed run's actors (and their CPUs) only once nothing refers to the
+            # run any more. Raised from the except block, the error would keep the run alive through its
+            # context, and the caller's next job could wait forever for those CPUs (on a 2-CPU cluster).
+            del ds
+            _await_cpus(ray, free, log)
+            raise err
     seconds = time.perf_counter() - t0
 
     total = check_unique(fs, root, specs)
@@ -247,6 +256,22 @@ def embed_corpus(
                "tokens_per_s": tokens / seconds if pending and seconds > 0 else 0.0, "workers": workers or 0,
                "dim": manifest["dim"], "out": out}
     return summary
+
+
+def _await_cpus(ray, free: float, log: Callable[[str], None], timeout: float = 10.0) -> None:
+    """Wait (a little) until the cluster has ``free`` CPUs available again: the failed run's actors
+    are gone, and a next run from the same driver gets its workers. A CLI run's driver exits
+    instead, which ends its actors in any case."""
+    import gc
+
+    gc.collect()  # the failed run's objects sit in reference cycles (tracebacks and frames)
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < free:
+        if time.monotonic() > deadline:
+            log(f"the failed run's workers still hold CPUs after {timeout:.0f} s; a next run from this process "
+                "may wait for them (a new process does not)")
+            return
+        time.sleep(0.1)
 
 
 def _dim(fs, root: str, spec: ShardSpec) -> int:
