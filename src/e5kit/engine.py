@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Sequence
 
 import torch
@@ -193,6 +194,12 @@ class Engine:
 
     # ---- tokenization ---------------------------------------------------------------------
 
+    @cached_property
+    def edge_ids(self) -> list[int]:
+        """The special-token ids the tokenizer puts around any text ([CLS], [SEP] or <s>, </s>; none for
+        a bare vocabulary): what the model's own id lists start and end with."""
+        return self.tokenize([""]).ids[0]
+
     def _tokenizer(self, max_tokens: int | None) -> Tokenizer:
         """The tokenizer cutting at ``max_tokens`` (None: not at all), built once per limit."""
         tok = self._tokenizers.get(max_tokens)
@@ -254,7 +261,7 @@ class Engine:
         out, cut = [], []
         vocab = self.config.vocab_size
         limit = self._limit(max_tokens)
-        close = self.tokenize([""]).ids[0][-1:] if seqs else []  # [SEP] or </s>; none for a bare vocabulary
+        close = self.edge_ids[-1:]  # [SEP] or </s>
         for i, s in enumerate(seqs):
             s = list(s)
             if not s:

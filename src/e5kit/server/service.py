@@ -513,7 +513,7 @@ def _check_own_ids(seqs: Sequence[Sequence[int]], model: E5) -> None:
     special tokens ([CLS] ... [SEP], <s> ... </s>; a cut list keeps its closing one). Ids from
     another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken ids) would otherwise be embedded
     as this vocabulary's tokens: wrong vectors, no error."""
-    edges = model.prepare([""]).ids[0]  # the special tokens around an empty text
+    edges = model.engine.edge_ids
     if len(edges) < 2:  # a bare vocabulary: nothing to check against
         return
     first, last = edges[0], edges[-1]
