@@ -208,10 +208,10 @@ class Batcher:
             if over_cap:  # until enough of the queue has gone for this job to fit under the cap
                 free_in = (queued + n_tokens - self.max_queued_tokens) / rate if rate > 0 else 1.0
             else:
-                free_in = self._promise(n_tokens, wait)
+                free_in = self._promise(n_tokens, queued)
             raise QueueFull(queued, wait, self.max_queue_wait, int(min(RETRY_AFTER_MAX, max(1, math.ceil(free_in)))))
 
-    def _promise(self, n_tokens: int, wait: float) -> float:
+    def _promise(self, n_tokens: int, queued: int) -> float:
         """Seconds until a refused job could be done: after what is queued now and after the jobs refused
         before it, which were told to come back earlier (the first of them when the queue is done).
 
@@ -224,7 +224,7 @@ class Batcher:
         now = time.monotonic()
         rate = self._rate.tokens_per_s
         with self._cond:
-            start = max(now + wait - n_tokens / rate, self._horizon)
+            start = max(now + queued / rate, self._horizon)
             self._horizon = min(start + n_tokens / rate, now + RETRY_AFTER_MAX)
             return self._horizon - now
 

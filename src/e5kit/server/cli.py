@@ -125,15 +125,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _run(app, sock: socket.socket, config: ServerConfig, auth: str, access_log: bool, log_level: str, log) -> None:
+    import gc
     import logging
+    import sys
 
     import torch
     import uvicorn
 
     from .middleware import RedactFilter, header_timeout_protocol
-
-    import gc
-    import sys
 
     # The event loop shares the interpreter with the threads that parse, tokenize and render large
     # bodies. Each time the loop blocks on a socket it must win the GIL back, waiting up to the switch
